@@ -1,0 +1,286 @@
+"""Samplers: stateless functions that walk a decreasing sigma grid with a denoiser ``D(x, sigma, **cond)``.
+
+Every sampler has the signature ``sample_<name>(denoiser, x, sigmas, *, generator=None, callback=None,
+eta=None, **cond)``. ``x`` is the starting state at ``sigmas[0]`` in sigma scaling (``x0 + sigma * noise``);
+the result is the state at ``sigmas[-1]``. Steps go over neighbouring pairs of ``sigmas``, never recomputed.
+
+``callback(i, sigma, x, denoised)`` is called once per step with the state at ``sigma`` and its denoised
+estimate; if it returns ``True`` sampling stops and the current state is returned.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from unnoise.schedules import check_grid
+
+Denoiser = Callable[..., Tensor]
+Callback = Callable[[int, float, Tensor, Tensor], Any]
+Generator = torch.Generator | Sequence[torch.Generator] | None
+
+
+# -- shared pieces ---------------------------------------------------------------------------------------------
+
+
+def to_d(x: Tensor, sigma: float, denoised: Tensor) -> Tensor:
+    """The probability-flow ODE derivative ``dx/dsigma = (x - D(x, sigma)) / sigma``, Karras et al. 2022 eq. 4."""
+    return (x - denoised) / sigma
+
+
+def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[float, float]:
+    """Split a step to ``sigma_next`` into a deterministic part to ``sigma_down`` and fresh noise ``sigma_up``.
+
+    With eta=1, ``sigma_up**2`` is the DDPM posterior variance in sigma scaling (Ho et al. 2020, eq. 7);
+    general eta is DDIM's (Song et al. 2021, eq. 16).
+    """
+    if sigma_next == 0:
+        return 0.0, 0.0
+    sigma_up = min(sigma_next, eta * math.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2))
+    return math.sqrt(sigma_next**2 - sigma_up**2), sigma_up
+
+
+def noise_like(x: Tensor, generator: Generator) -> Tensor:
+    """Unit Gaussian noise shaped like ``x``; with one generator per image, image i's noise ignores the batch."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+    return torch.stack([torch.randn(x.shape[1:], generator=g, dtype=x.dtype, device=x.device) for g in generator])
+
+
+def _check(x: Tensor, sigmas: Tensor, generator: Generator) -> None:
+    check_grid(sigmas)
+    if not isinstance(x, Tensor) or x.ndim < 1:
+        raise ValueError("x must be a batched tensor (batch first)")
+    if not torch.isfinite(x).all():
+        raise ValueError("x contains non-finite values")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        if len(generator) != x.shape[0]:
+            raise ValueError(f"generator list has {len(generator)} entries for a batch of {x.shape[0]}; pass one per image")
+
+
+def _eta(name: str, eta: float | None, default: float, fixed: bool = False) -> float:
+    if eta is None:
+        return default
+    if fixed and eta != default:
+        raise ValueError(f"sampler {name!r} does not take eta={eta!r}; eta applies to ddim, euler_a and dpmpp_2m_sde")
+    if not (math.isfinite(eta) and eta >= 0):
+        raise ValueError(f"eta={eta!r} must be a finite number >= 0")
+    return eta
+
+
+def _pairs(sigmas: Tensor) -> list[tuple[float, float]]:
+    values = sigmas.tolist()
+    return list(zip(values[:-1], values[1:]))
+
+
+# -- first-order samplers --------------------------------------------------------------------------------------
+
+
+def _ancestral(denoiser, x, sigmas, generator, callback, eta, cond) -> Tensor:
+    """Euler step to sigma_down, then fresh noise of std sigma_up: DDPM (eta 1), DDIM (eta), Euler ancestral."""
+    for i, (sigma, sigma_next) in enumerate(_pairs(sigmas)):
+        denoised = denoiser(x, sigma, **cond)
+        if callback is not None and callback(i, sigma, x, denoised) is True:
+            return x
+        sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
+        x = denoised + to_d(x, sigma, denoised) * sigma_down
+        if sigma_up > 0:
+            x = x + noise_like(x, generator) * sigma_up
+    return x
+
+
+def sample_ddpm(denoiser, x, sigmas, *, generator=None, callback=None, eta=None, **cond) -> Tensor:
+    """DDPM ancestral sampling with the posterior variance ("fixed_small"), Ho et al. 2020, Alg. 2."""
+    _check(x, sigmas, generator)
+    return _ancestral(denoiser, x, sigmas, generator, callback, _eta("ddpm", eta, 1.0, fixed=True), cond)
+
+
+def sample_ddim(denoiser, x, sigmas, *, generator=None, callback=None, eta=None, **cond) -> Tensor:
+    """DDIM, Song et al. 2021, eq. 12; eta=0 is Euler on the probability-flow ODE, eta=1 is DDPM."""
+    _check(x, sigmas, generator)
+    return _ancestral(denoiser, x, sigmas, generator, callback, _eta("ddim", eta, 0.0), cond)
+
+
+def sample_euler_a(denoiser, x, sigmas, *, generator=None, callback=None, eta=None, **cond) -> Tensor:
+    """Euler ancestral, as k-diffusion's ``sample_euler_ancestral`` (eta 1 by default)."""
+    _check(x, sigmas, generator)
+    return _ancestral(denoiser, x, sigmas, generator, callback, _eta("euler_a", eta, 1.0), cond)
+
+
+def sample_euler(denoiser, x, sigmas, *, generator=None, callback=None, eta=None, **cond) -> Tensor:
+    """Euler's method on the probability-flow ODE, Karras et al. 2022, Alg. 2 without the second-order step."""
+    _check(x, sigmas, generator)
+    _eta("euler", eta, 0.0, fixed=True)
+    for i, (sigma, sigma_next) in enumerate(_pairs(sigmas)):
+        denoised = denoiser(x, sigma, **cond)
+        if callback is not None and callback(i, sigma, x, denoised) is True:
+            return x
+        x = x + to_d(x, sigma, denoised) * (sigma_next - sigma)
+    return x
+
+
+def sample_heun(denoiser, x, sigmas, *, generator=None, callback=None, eta=None, **cond) -> Tensor:
+    """Heun's second-order method, Karras et al. 2022, Alg. 1; the last step to sigma 0 is Euler."""
+    _check(x, sigmas, generator)
+    _eta("heun", eta, 0.0, fixed=True)
+    for i, (sigma, sigma_next) in enumerate(_pairs(sigmas)):
+        denoised = denoiser(x, sigma, **cond)
+        if callback is not None and callback(i, sigma, x, denoised) is True:
+            return x
+        d = to_d(x, sigma, denoised)
+        x_euler = x + d * (sigma_next - sigma)
+        if sigma_next == 0:
+            x = x_euler
+            continue
+        d_next = to_d(x_euler, sigma_next, denoiser(x_euler, sigma_next, **cond))
+        x = x + (d + d_next) / 2 * (sigma_next - sigma)
+    return x
+
+
+# -- multistep samplers in log-sigma time (lambda = -log sigma, h = lambda_next - lambda) ------------------------
+
+
+def sample_dpmpp_2m(denoiser, x, sigmas, *, generator=None, callback=None, eta=None, **cond) -> Tensor:
+    """DPM-Solver++(2M), Lu et al. 2022, Alg. 2; first and last (to sigma 0) steps are first order."""
+    _check(x, sigmas, generator)
+    _eta("dpmpp_2m", eta, 0.0, fixed=True)
+    old_denoised, h_last = None, None
+    for i, (sigma, sigma_next) in enumerate(_pairs(sigmas)):
+        denoised = denoiser(x, sigma, **cond)
+        if callback is not None and callback(i, sigma, x, denoised) is True:
+            return x
+        if sigma_next == 0:
+            x = denoised
+            continue
+        h = math.log(sigma / sigma_next)
+        d = denoised if old_denoised is None else _midpoint(denoised, old_denoised, h_last / h)
+        x = (sigma_next / sigma) * x - math.expm1(-h) * d
+        old_denoised, h_last = denoised, h
+    return x
+
+
+def sample_dpmpp_2m_sde(denoiser, x, sigmas, *, generator=None, callback=None, eta=None, **cond) -> Tensor:
+    """DPM-Solver++(2M) SDE with the midpoint rule, Lu et al. 2022, App. B (diffusers' sde-dpmsolver++)."""
+    _check(x, sigmas, generator)
+    eta = _eta("dpmpp_2m_sde", eta, 1.0)
+    old_denoised, h_last = None, None
+    for i, (sigma, sigma_next) in enumerate(_pairs(sigmas)):
+        denoised = denoiser(x, sigma, **cond)
+        if callback is not None and callback(i, sigma, x, denoised) is True:
+            return x
+        if sigma_next == 0:
+            x = denoised
+            continue
+        h = math.log(sigma / sigma_next)
+        eta_h = eta * h
+        d = denoised if old_denoised is None else _midpoint(denoised, old_denoised, h_last / h)
+        x = (sigma_next / sigma) * math.exp(-eta_h) * x - math.expm1(-h - eta_h) * d
+        if eta > 0:
+            x = x + noise_like(x, generator) * (sigma_next * math.sqrt(-math.expm1(-2 * eta_h)))
+        old_denoised, h_last = denoised, h
+    return x
+
+
+def _midpoint(denoised: Tensor, old_denoised: Tensor, r: float) -> Tensor:
+    """Second-order data estimate of DPM-Solver++(2M): ``D0 + (D0 - D_-1) / (2 r)``, r = h_last / h."""
+    return denoised + (denoised - old_denoised) / (2 * r)
+
+
+def sample_unipc(denoiser, x, sigmas, *, generator=None, callback=None, eta=None, **cond) -> Tensor:
+    """UniPC-bh2 of order 2 with data prediction, Zhao et al. 2023, Alg. 1-2 (diffusers' UniPCMultistep default).
+
+    Each step first corrects the current state with the new evaluation (UniC), then predicts the next state
+    (UniP); the last step, to sigma 0, is first order. The evaluation at the uncorrected state is reused.
+    """
+    _check(x, sigmas, generator)
+    _eta("unipc", eta, 0.0, fixed=True)
+    pairs = _pairs(sigmas)
+    prev = None  # (x at the previous sigma, its denoised, previous sigma, the order of the step taken from it)
+    older = None  # (denoised, sigma) one step further back
+    for i, (sigma, sigma_next) in enumerate(pairs):
+        denoised = denoiser(x, sigma, **cond)
+        if callback is not None and callback(i, sigma, x, denoised) is True:
+            return x
+        if prev is not None:  # UniC: correct x using the evaluation made at it
+            x_prev, m_prev, sigma_prev, order = prev
+            x = _unipc_update(x_prev, sigma_prev, sigma, m_prev, older if order == 2 else None, denoised)
+        order = 1 if prev is None or i == len(pairs) - 1 else 2
+        if sigma_next == 0:
+            x_next = denoised
+        else:
+            x_next = _unipc_update(x, sigma, sigma_next, denoised, (m_prev, sigma_prev) if order == 2 else None, None)
+        older = (prev[1], prev[2]) if prev is not None else None
+        prev = (x, denoised, sigma, order)
+        x, m_prev, sigma_prev = x_next, denoised, sigma
+    return x
+
+
+def _unipc_update(x, sigma, sigma_next, m0, history, m_next) -> Tensor:
+    """One bh2 UniP step (``m_next`` None) or UniC step from ``sigma`` to ``sigma_next``; history = (m_-1, sigma_-1)."""
+    h = math.log(sigma / sigma_next)
+    b_h = math.expm1(-h)  # bh2: B(h) = e^{-h} - 1 in data-prediction form
+    x_base = (sigma_next / sigma) * x - b_h * m0
+    d1 = rk = None
+    if history is not None:
+        m_old, sigma_old = history
+        rk = math.log(sigma / sigma_old) / h  # (lambda_old - lambda_0) / h, negative
+        d1 = (m_old - m0) / rk
+    if m_next is None:  # predictor: order 1, or order 2 with rho = 1/2
+        return x_base if d1 is None else x_base - b_h * 0.5 * d1
+    # corrector: solve R rho = b for the coefficients (Zhao et al. 2023, eq. 14 with B(h) = e^{-h} - 1)
+    hh = -h
+    phi_1 = b_h / hh - 1  # h*phi_2 ... written as in the paper's recursion
+    b1 = phi_1 / b_h
+    phi_2 = phi_1 / hh - 0.5
+    b2 = phi_2 * 2 / b_h
+    if d1 is None:
+        rho_c = [0.5]
+    else:
+        rho_c = torch.linalg.solve(
+            torch.tensor([[1.0, 1.0], [rk, 1.0]], dtype=torch.float64), torch.tensor([b1, b2], dtype=torch.float64)
+        ).tolist()
+    correction = rho_c[-1] * (m_next - m0)
+    if d1 is not None:
+        correction = correction + rho_c[0] * d1
+    return x_base - b_h * correction
+
+
+SAMPLERS: dict[str, Callable[..., Tensor]] = {
+    "ddpm": sample_ddpm,
+    "ddim": sample_ddim,
+    "euler": sample_euler,
+    "euler_a": sample_euler_a,
+    "heun": sample_heun,
+    "dpmpp_2m": sample_dpmpp_2m,
+    "dpmpp_2m_sde": sample_dpmpp_2m_sde,
+    "unipc": sample_unipc,
+}
+
+STOCHASTIC = ("ddpm", "euler_a", "dpmpp_2m_sde")
+
+
+def sample(
+    denoiser: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    method: str,
+    *,
+    generator: Generator = None,
+    callback: Callback | None = None,
+    eta: float | None = None,
+    **cond: Any,
+) -> Tensor:
+    """Run the sampler named ``method`` (a key of ``SAMPLERS``) from ``x`` at ``sigmas[0]`` to ``sigmas[-1]``."""
+    if method not in SAMPLERS:
+        raise ValueError(f"sampler={method!r} is not supported; allowed values: {', '.join(SAMPLERS)}")
+    return SAMPLERS[method](denoiser, x, sigmas, generator=generator, callback=callback, eta=eta, **cond)
+
+
+def nfe(method: str, steps: int) -> int:
+    """Network evaluations a sampler makes over ``steps`` steps ending at sigma 0 (Heun: two per step but the last)."""
+    if method not in SAMPLERS:
+        raise ValueError(f"sampler={method!r} is not supported; allowed values: {', '.join(SAMPLERS)}")
+    return 2 * steps - 1 if method == "heun" else steps
