@@ -19,7 +19,8 @@ FINALS = ("zero", "sigma_min")
 INTERPOLATIONS = ("log", "linear")
 
 # A zero-terminal-SNR schedule has sigma = inf at its last step, which no sampler in sigma space can start from.
-# As diffusers' discrete schedulers do, the last alphas_cumprod is raised to 2**-24 (sigma about 4096).
+# As diffusers' discrete schedulers do, the last alphas_cumprod is raised to 2**-24 (sigma about 4096); where the
+# step before it is already below that (linear betas), the schedule's geometric decay is continued instead.
 ZERO_SNR_FLOOR = 2.0**-24
 
 
@@ -97,7 +98,8 @@ class VPSchedule:
             betas = rescale_zero_terminal_snr(betas)
         alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
         if rescale_zero_snr:
-            alphas_cumprod[-1] = ZERO_SNR_FLOOR
+            before = alphas_cumprod[-2]
+            alphas_cumprod[-1] = ZERO_SNR_FLOOR if before > ZERO_SNR_FLOOR else before**2 / alphas_cumprod[-3]
         schedule = cls(alphas_cumprod, interpolation=interpolation)
         schedule._betas = betas
         return schedule
