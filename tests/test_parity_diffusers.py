@@ -163,7 +163,14 @@ def test_ddim_on_grids_diffusers_ddim_cannot_express(spacing, steps):
 # -- DPM-Solver++(2M) and UniPC (VP-scaled multistep schedulers) ----------------------------------------------------
 
 
-MULTISTEP_CASES = [("linspace", 10), ("linspace", 20), ("leading", 10), ("trailing", 10), ("trailing", 6), ("karras", 10)]
+MULTISTEP_CASES = [
+    ("linspace", 10),
+    ("linspace", 20),
+    ("leading", 10),
+    ("trailing", 10),
+    ("trailing", 6),
+    ("karras", 10),
+]
 
 
 def _multistep(cls, prediction, spacing, **extra):
@@ -211,8 +218,9 @@ def test_ddpm_matches_diffusers_with_same_noise(prediction, spacing):
     sigmas = schedule_of(sched).sigmas_for(10, spacing)
     x = noise()
     expected = run_diffusers(sched, 10, x.clone(), generator=torch.Generator().manual_seed(7))
-    got = ours(sched, "ddpm", sigmas, vp_to_sigma(x, sigmas[0].item()), prediction,
-               generator=torch.Generator().manual_seed(7))
+    got = ours(
+        sched, "ddpm", sigmas, vp_to_sigma(x, sigmas[0].item()), prediction, generator=torch.Generator().manual_seed(7)
+    )
     assert_close(got, expected)
 
 
@@ -222,8 +230,15 @@ def test_ddim_eta_matches_diffusers_with_same_noise(eta):
     sigmas = schedule_of(sched).sigmas_for(10, "leading")
     x = noise()
     expected = run_diffusers(sched, 10, x.clone(), generator=torch.Generator().manual_seed(3), eta=eta)
-    got = ours(sched, "ddim", sigmas, vp_to_sigma(x, sigmas[0].item()), "epsilon",
-               generator=torch.Generator().manual_seed(3), eta=eta)
+    got = ours(
+        sched,
+        "ddim",
+        sigmas,
+        vp_to_sigma(x, sigmas[0].item()),
+        "epsilon",
+        generator=torch.Generator().manual_seed(3),
+        eta=eta,
+    )
     assert_close(got, expected)
 
 
@@ -234,7 +249,9 @@ def test_euler_a_matches_diffusers_with_same_noise(spacing):
     sched.set_timesteps(12)
     x = noise() * sched.init_noise_sigma
     expected = run_diffusers(sched, 12, x.clone(), generator=torch.Generator().manual_seed(5))
-    got = ours(sched, "euler_a", sigmas, x, "epsilon", interpolation="linear", generator=torch.Generator().manual_seed(5))
+    got = ours(
+        sched, "euler_a", sigmas, x, "epsilon", interpolation="linear", generator=torch.Generator().manual_seed(5)
+    )
     assert_close(got, expected)
 
 
@@ -246,8 +263,15 @@ def test_dpmpp_2m_sde_matches_diffusers_with_same_noise(prediction, spacing):
     x = noise()
     # diffusers' DPM step draws its own noise in float32; inject ours instead
     expected = run_diffusers(sched, 10, x.clone(), variance_noise=torch.Generator().manual_seed(11))
-    got = ours(sched, "dpmpp_2m_sde", sigmas, vp_to_sigma(x, sigmas[0].item()), prediction,
-               quantize=spacing == "karras", generator=torch.Generator().manual_seed(11))
+    got = ours(
+        sched,
+        "dpmpp_2m_sde",
+        sigmas,
+        vp_to_sigma(x, sigmas[0].item()),
+        prediction,
+        quantize=spacing == "karras",
+        generator=torch.Generator().manual_seed(11),
+    )
     assert_close(got, expected)
 
 

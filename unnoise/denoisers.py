@@ -6,7 +6,8 @@ own coefficients, where ``x = x0 + sigma * noise``. Conversions between VP and s
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -22,7 +23,10 @@ def per_sample_sigma(x: Tensor, sigma: Tensor | float) -> Tensor:
     if sigma.ndim == 0:
         return sigma.expand(x.shape[0])
     if sigma.shape != (x.shape[0],):
-        raise ValueError(f"sigma has shape {tuple(sigma.shape)}; expected a scalar or ({x.shape[0]},) for x of shape {tuple(x.shape)}")
+        raise ValueError(
+            f"sigma has shape {tuple(sigma.shape)}; expected a scalar or ({x.shape[0]},) "
+            f"for x of shape {tuple(x.shape)}"
+        )
     return sigma
 
 

@@ -11,7 +11,8 @@ estimate; if it returns ``True`` sampling stops and the current state is returne
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -58,7 +59,9 @@ def _check(x: Tensor, sigmas: Tensor, generator: Generator) -> None:
         raise ValueError("x contains non-finite values")
     if generator is not None and not isinstance(generator, torch.Generator):
         if len(generator) != x.shape[0]:
-            raise ValueError(f"generator list has {len(generator)} entries for a batch of {x.shape[0]}; pass one per image")
+            raise ValueError(
+                f"generator list has {len(generator)} entries for a batch of {x.shape[0]}; pass one per image"
+            )
 
 
 def _eta(name: str, eta: float | None, default: float, fixed: bool = False) -> float:

@@ -47,6 +47,7 @@ def _betas(kind: str, n: int, beta_start: float, beta_end: float) -> Tensor:
         return torch.linspace(beta_start**0.5, beta_end**0.5, n, dtype=f64) ** 2
     if kind == "sigmoid":  # GeoDiff, Xu et al. 2022
         return torch.sigmoid(torch.linspace(-6, 6, n, dtype=f64)) * (beta_end - beta_start) + beta_start
+
     # cosine: Nichol & Dhariwal 2021, eq. 17, betas capped at 0.999 (diffusers' squaredcos_cap_v2)
     def alpha_bar(t: float) -> float:
         return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
@@ -138,9 +139,11 @@ class VPSchedule:
         """Fractional timestep of sigma, the inverse of ``t_to_sigma``; roundoff past either end maps to that end."""
         sigma = torch.as_tensor(sigma, dtype=torch.float64)
         tol = 1e-6
-        if not torch.isfinite(sigma).all() or (sigma < self.sigma_min * (1 - tol)).any() or (
-            sigma > self.sigma_max * (1 + tol)
-        ).any():
+        if (
+            not torch.isfinite(sigma).all()
+            or (sigma < self.sigma_min * (1 - tol)).any()
+            or (sigma > self.sigma_max * (1 + tol)).any()
+        ):
             raise ValueError(
                 f"sigma must lie in the training range [{self.sigma_min:.6g}, {self.sigma_max:.6g}], "
                 f"got {sigma.flatten()[:8].tolist()}"
@@ -174,7 +177,9 @@ class VPSchedule:
         if spacing in ("karras", "exponential"):
             sigmas = self._continuous_spacing(steps, spacing, rho)
         else:
-            sigmas = self.t_to_sigma(self.timesteps_for(steps, spacing, steps_offset=steps_offset, extra_point=extra_point))
+            sigmas = self.t_to_sigma(
+                self.timesteps_for(steps, spacing, steps_offset=steps_offset, extra_point=extra_point)
+            )
         last = torch.zeros(1, dtype=torch.float64) if final == "zero" else self.sigmas[:1]
         if final == "sigma_min" and sigmas[-1] <= last[0]:
             raise ValueError(
