@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from unnoise.schedules import VPSchedule, append_dims
+from unnoise.schedules import VPSchedule, append_dims, check_choice
 
 PREDICTIONS = ("epsilon", "v_prediction", "sample")
 
@@ -79,8 +79,7 @@ class VPDenoiser(Denoiser):
         quantize: bool = False,
     ):
         super().__init__(model)
-        if prediction not in PREDICTIONS:
-            raise ValueError(f"prediction={prediction!r} is not supported; allowed values: {', '.join(PREDICTIONS)}")
+        check_choice("prediction", prediction, PREDICTIONS)
         self.schedule = schedule
         self.prediction = prediction
         self.quantize = quantize

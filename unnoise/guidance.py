@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from unnoise.denoisers import per_sample_sigma
-from unnoise.schedules import append_dims
+from unnoise.schedules import append_dims, check_choice
 
 RESCALE_SPACES = ("v", "epsilon")
 
@@ -42,8 +42,7 @@ class CFGDenoiser(nn.Module):
             raise ValueError(f"uncond must be a dict of conditioning keyword arguments, got {type(uncond).__name__}")
         if not 0.0 <= rescale <= 1.0:
             raise ValueError(f"rescale={rescale!r} must lie in [0, 1]")
-        if rescale_space not in RESCALE_SPACES:
-            raise ValueError(f"rescale_space={rescale_space!r} is not supported; allowed values: v, epsilon")
+        check_choice("rescale_space", rescale_space, RESCALE_SPACES)
         if interval is not None and not (len(interval) == 2 and 0 <= interval[0] < interval[1]):
             raise ValueError(f"interval={interval!r} must be (sigma_lo, sigma_hi) with 0 <= sigma_lo < sigma_hi")
         self.denoiser = denoiser

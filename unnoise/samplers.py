@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from unnoise.schedules import check_grid
+from unnoise.schedules import check_choice, check_grid
 
 Denoiser = Callable[..., Tensor]
 Callback = Callable[[int, float, Tensor, Tensor], Any]
@@ -277,13 +277,11 @@ def sample(
     **cond: Any,
 ) -> Tensor:
     """Run the sampler named ``method`` (a key of ``SAMPLERS``) from ``x`` at ``sigmas[0]`` to ``sigmas[-1]``."""
-    if method not in SAMPLERS:
-        raise ValueError(f"sampler={method!r} is not supported; allowed values: {', '.join(SAMPLERS)}")
+    check_choice("sampler", method, tuple(SAMPLERS))
     return SAMPLERS[method](denoiser, x, sigmas, generator=generator, callback=callback, eta=eta, **cond)
 
 
 def nfe(method: str, steps: int) -> int:
     """Network evaluations a sampler makes over ``steps`` steps ending at sigma 0 (Heun: two per step but the last)."""
-    if method not in SAMPLERS:
-        raise ValueError(f"sampler={method!r} is not supported; allowed values: {', '.join(SAMPLERS)}")
+    check_choice("sampler", method, tuple(SAMPLERS))
     return 2 * steps - 1 if method == "heun" else steps

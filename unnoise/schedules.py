@@ -24,7 +24,7 @@ INTERPOLATIONS = ("log", "linear")
 ZERO_SNR_FLOOR = 2.0**-24
 
 
-def _choice(field: str, value: object, allowed: tuple[str, ...]) -> None:
+def check_choice(field: str, value: object, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{field}={value!r} is not supported; allowed values: {', '.join(allowed)}")
 
@@ -66,7 +66,7 @@ class VPSchedule:
     """A variance-preserving schedule over ``num_train_timesteps`` discrete steps, seen in sigma space."""
 
     def __init__(self, alphas_cumprod: Tensor, *, interpolation: Literal["log", "linear"] = "log"):
-        _choice("interpolation", interpolation, INTERPOLATIONS)
+        check_choice("interpolation", interpolation, INTERPOLATIONS)
         ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64).clone()
         if ac.ndim != 1 or len(ac) < 2:
             raise ValueError(f"alphas_cumprod must be 1-D with at least 2 entries, got shape {tuple(ac.shape)}")
@@ -91,7 +91,7 @@ class VPSchedule:
         interpolation: Literal["log", "linear"] = "log",
     ) -> VPSchedule:
         """Build from a beta schedule; ``cosine`` is diffusers' ``squaredcos_cap_v2``."""
-        _choice("kind", kind, BETA_KINDS)
+        check_choice("kind", kind, BETA_KINDS)
         if not isinstance(num_train_timesteps, int) or num_train_timesteps < 2:
             raise ValueError(f"num_train_timesteps={num_train_timesteps!r} must be an integer >= 2")
         betas = _betas(kind, num_train_timesteps, beta_start, beta_end)
@@ -172,8 +172,8 @@ class VPSchedule:
         """
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps={steps!r} must be an integer >= 1")
-        _choice("spacing", spacing, SPACINGS)
-        _choice("final", final, FINALS)
+        check_choice("spacing", spacing, SPACINGS)
+        check_choice("final", final, FINALS)
         if spacing in ("karras", "exponential"):
             sigmas = self._continuous_spacing(steps, spacing, rho)
         else:
@@ -244,7 +244,7 @@ def check_grid(sigmas: Tensor) -> None:
 
 def add_noise(x0: Tensor, noise: Tensor, sigma: Tensor | float, *, scaling: Literal["ve", "vp"] = "ve") -> Tensor:
     """The forward process: ``x0 + sigma * noise``, or its VP form ``sqrt(a) x0 + sqrt(1 - a) noise`` (scaling='vp')."""
-    _choice("scaling", scaling, ("ve", "vp"))
+    check_choice("scaling", scaling, ("ve", "vp"))
     if x0.shape != noise.shape:
         raise ValueError(f"x0 and noise shapes differ: {tuple(x0.shape)} vs {tuple(noise.shape)}")
     sigma = append_dims(torch.as_tensor(sigma, dtype=x0.dtype, device=x0.device), x0.ndim)
