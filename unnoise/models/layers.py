@@ -1,0 +1,301 @@
+"""Building blocks shared by the U-Net and the autoencoder.
+
+Submodule names follow the diffusers layout (``norm1``, ``conv1``, ``time_emb_proj``, ``to_q``, ``to_out.0``,
+``proj_in``, ``transformer_blocks``, ...), so Stable Diffusion weights load with an almost empty key map.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ATTENTION_MODES = ("sdpa", "chunked")
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in float32 whatever the weights' dtype: fp16/bf16 statistics over large maps overflow."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dtype in (torch.float16, torch.bfloat16):
+            w = self.weight.float() if self.weight is not None else None
+            b = self.bias.float() if self.bias is not None else None
+            return F.group_norm(x.float(), self.num_groups, w, b, self.eps).to(x.dtype)
+        return super().forward(x)
+
+
+def timestep_embedding(
+    t: Tensor, dim: int, *, flip_sin_to_cos: bool = False, freq_shift: float = 1.0, max_period: float = 10000.0
+) -> Tensor:
+    """Sinusoidal embedding of (fractional) timesteps, Vaswani et al. 2017 / Ho et al. 2020, in float32."""
+    if t.ndim != 1:
+        raise ValueError(f"timesteps must be 1-D (one per sample), got shape {tuple(t.shape)}")
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - freq_shift)
+    args = t.float()[:, None] * exponent.exp()[None]
+    emb = torch.cat([args.cos(), args.sin()] if flip_sin_to_cos else [args.sin(), args.cos()], dim=-1)
+    return F.pad(emb, (0, 1)) if dim % 2 else emb
+
+
+class TimestepEmbedding(nn.Module):
+    """MLP on the sinusoidal embedding: ``linear_2(silu(linear_1(emb)))``."""
+
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, emb: Tensor) -> Tensor:
+        return self.linear_2(F.silu(self.linear_1(emb)))
+
+
+class ResnetBlock2D(nn.Module):
+    """Pre-activation residual block with additive or scale-shift time conditioning (Dhariwal & Nichol 2021)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int | None = None,
+        *,
+        temb_channels: int | None = 512,
+        groups: int = 32,
+        eps: float = 1e-6,
+        dropout: float = 0.0,
+        time_embedding_norm: Literal["default", "scale_shift"] = "default",
+        output_scale_factor: float = 1.0,
+    ):
+        super().__init__()
+        out_channels = out_channels or in_channels
+        self.time_embedding_norm = time_embedding_norm
+        self.output_scale_factor = output_scale_factor
+        self.norm1 = GroupNorm32(groups, in_channels, eps=eps)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        if temb_channels is not None:
+            proj_out = out_channels * 2 if time_embedding_norm == "scale_shift" else out_channels
+            self.time_emb_proj = nn.Linear(temb_channels, proj_out)
+        else:
+            self.time_emb_proj = None
+        self.norm2 = GroupNorm32(groups, out_channels, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def forward(self, x: Tensor, temb: Tensor | None = None) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        scale_shift = None
+        if self.time_emb_proj is not None and temb is not None:
+            t = self.time_emb_proj(F.silu(temb))[:, :, None, None]
+            if self.time_embedding_norm == "scale_shift":
+                scale_shift = t.chunk(2, dim=1)
+            else:
+                h = h + t
+        h = self.norm2(h)
+        if scale_shift is not None:
+            h = h * (1 + scale_shift[0]) + scale_shift[1]
+        h = self.conv2(self.dropout(F.silu(h)))
+        shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        return (shortcut + h) / self.output_scale_factor
+
+
+class Downsample2D(nn.Module):
+    """Halve the resolution with a strided 3x3 conv (``padding=0`` pads right/bottom only, as the KL autoencoder)."""
+
+    def __init__(self, channels: int, *, use_conv: bool = True, padding: int = 1):
+        super().__init__()
+        self.padding = padding
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding) if use_conv else nn.AvgPool2d(2, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if isinstance(self.conv, nn.Conv2d) and self.padding == 0:
+            x = F.pad(x, (0, 1, 0, 1))
+        return self.conv(x)
+
+
+class Upsample2D(nn.Module):
+    """Double the resolution: nearest-neighbour interpolation, then a 3x3 conv."""
+
+    def __init__(self, channels: int, *, use_conv: bool = True):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1) if use_conv else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        if dtype == torch.bfloat16:  # nearest upsampling has no bf16 kernel on some backends
+            x = x.float()
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest").to(dtype)
+        return self.conv(x) if self.conv is not None else x
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mode: str = "sdpa", chunk_size: int = 1024) -> Tensor:
+    """Softmax attention over (B, heads, tokens, dim): fused SDPA, or query chunks to bound peak memory."""
+    if mode == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v)
+    if mode != "chunked":
+        raise ValueError(f"attention mode={mode!r} is not supported; allowed values: {', '.join(ATTENTION_MODES)}")
+    scale = q.shape[-1] ** -0.5
+    out = torch.empty_like(q)
+    for start in range(0, q.shape[2], chunk_size):
+        qc = q[:, :, start : start + chunk_size]
+        weights = (qc @ k.transpose(-1, -2) * scale).float().softmax(dim=-1).to(q.dtype)
+        out[:, :, start : start + chunk_size] = weights @ v
+    return out
+
+
+class Attention(nn.Module):
+    """Multi-head attention on token sequences (B, N, C); cross-attention when ``context`` is given."""
+
+    def __init__(
+        self,
+        query_dim: int,
+        *,
+        context_dim: int | None = None,
+        heads: int = 8,
+        dim_head: int = 64,
+        bias: bool = False,
+        out_bias: bool = True,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        inner = heads * dim_head
+        self.heads = heads
+        self.mode = "sdpa"
+        self.chunk_size = 1024
+        self.to_q = nn.Linear(query_dim, inner, bias=bias)
+        self.to_k = nn.Linear(context_dim or query_dim, inner, bias=bias)
+        self.to_v = nn.Linear(context_dim or query_dim, inner, bias=bias)
+        self.to_out = nn.ModuleList([nn.Linear(inner, query_dim, bias=out_bias), nn.Dropout(dropout)])
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        context = x if context is None else context
+        b = x.shape[0]
+        q, k, v = (
+            t.view(b, -1, self.heads, t.shape[-1] // self.heads).transpose(1, 2)
+            for t in (self.to_q(x), self.to_k(context), self.to_v(context))
+        )
+        out = attention(q, k, v, self.mode, self.chunk_size).transpose(1, 2).reshape(b, -1, q.shape[1] * q.shape[3])
+        return self.to_out[1](self.to_out[0](out))
+
+
+class SpatialAttention(Attention):
+    """Self-attention over the pixels of a feature map with its own GroupNorm and a residual connection."""
+
+    def __init__(
+        self,
+        channels: int,
+        *,
+        heads: int = 1,
+        dim_head: int | None = None,
+        groups: int = 32,
+        eps: float = 1e-6,
+        rescale_output_factor: float = 1.0,
+    ):
+        super().__init__(channels, heads=heads, dim_head=dim_head or channels // heads, bias=True)
+        self.group_norm = GroupNorm32(groups, channels, eps=eps)
+        self.rescale_output_factor = rescale_output_factor
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        b, c, h, w = x.shape
+        tokens = self.group_norm(x).view(b, c, h * w).transpose(1, 2)
+        out = super().forward(tokens).transpose(1, 2).reshape(b, c, h, w)
+        return (out + x) / self.rescale_output_factor
+
+
+class GEGLU(nn.Module):
+    """Gated GELU, Shazeer 2020: ``a * gelu(b)`` with ``[a, b] = proj(x)``."""
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        a, gate = self.proj(x).chunk(2, dim=-1)
+        return a * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    """Transformer MLP with a GEGLU input layer (``net.0``) and a linear output (``net.2``)."""
+
+    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0):
+        super().__init__()
+        self.net = nn.ModuleList([GEGLU(dim, dim * mult), nn.Dropout(dropout), nn.Linear(dim * mult, dim)])
+
+    def forward(self, x: Tensor) -> Tensor:
+        for layer in self.net:
+            x = layer(x)
+        return x
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-norm block: self-attention, cross-attention to the context, GEGLU MLP (Rombach et al. 2022)."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int, *, context_dim: int | None = None, dropout: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, heads=heads, dim_head=dim_head, dropout=dropout)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = Attention(dim, context_dim=context_dim, heads=heads, dim_head=dim_head, dropout=dropout)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim, dropout=dropout)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        x = self.attn1(self.norm1(x)) + x
+        x = self.attn2(self.norm2(x), context) + x
+        return self.ff(self.norm3(x)) + x
+
+
+class Transformer2D(nn.Module):
+    """Spatial transformer: GroupNorm, 1x1-conv or linear projection in, transformer blocks, out, residual."""
+
+    def __init__(
+        self,
+        channels: int,
+        heads: int,
+        dim_head: int,
+        *,
+        depth: int = 1,
+        context_dim: int | None = None,
+        groups: int = 32,
+        use_linear_projection: bool = False,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        inner = heads * dim_head
+        self.use_linear_projection = use_linear_projection
+        self.norm = GroupNorm32(groups, channels, eps=1e-6)
+        proj = nn.Linear if use_linear_projection else (lambda i, o: nn.Conv2d(i, o, 1))
+        self.proj_in = proj(channels, inner)
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(inner, heads, dim_head, context_dim=context_dim, dropout=dropout)
+            for _ in range(depth)
+        )
+        self.proj_out = proj(inner, channels)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        b, c, h, w = x.shape
+        tokens = self.norm(x)
+        if self.use_linear_projection:
+            tokens = self.proj_in(tokens.permute(0, 2, 3, 1).reshape(b, h * w, c))
+        else:
+            tokens = self.proj_in(tokens)
+            tokens = tokens.permute(0, 2, 3, 1).reshape(b, h * w, tokens.shape[1])
+        for block in self.transformer_blocks:
+            tokens = block(tokens, context)
+        if self.use_linear_projection:
+            out = self.proj_out(tokens).reshape(b, h, w, c).permute(0, 3, 1, 2)
+        else:
+            out = self.proj_out(tokens.reshape(b, h, w, -1).permute(0, 3, 1, 2))
+        return out + x
+
+
+def set_attention_mode(module: nn.Module, mode: str, chunk_size: int = 1024) -> None:
+    """Switch every attention layer under ``module`` to ``sdpa`` or query-``chunked`` attention."""
+    if mode not in ATTENTION_MODES:
+        raise ValueError(f"attention mode={mode!r} is not supported; allowed values: {', '.join(ATTENTION_MODES)}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size!r} must be >= 1")
+    for layer in module.modules():
+        if isinstance(layer, Attention):
+            layer.mode, layer.chunk_size = mode, chunk_size
