@@ -1,0 +1,177 @@
+"""Translation of diffusers' ``UNet2DModel`` / ``UNet2DConditionModel`` config.json into ``UNetConfig`` fields.
+
+Quirk handled here: in ``UNet2DConditionModel`` the key ``attention_head_dim`` holds the NUMBER of heads of the
+transformer blocks (unless ``num_attention_heads`` is set); in ``UNet2DModel`` it is the head dimension.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_COMMON_DEFAULTS: dict[str, Any] = {
+    "sample_size": None,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1.0,
+    "downsample_padding": 1,
+    "dropout": 0.0,
+    "attention_head_dim": 8,
+    "norm_num_groups": 32,
+    "norm_eps": 1e-5,
+    "resnet_time_scale_shift": "default",
+    "num_class_embeds": None,
+    "time_embedding_dim": None,
+}
+
+# diffusers' defaults for the keys we translate, used where an (old, hand-written) config.json leaves one out.
+DIFFUSERS_DEFAULTS: dict[str, dict[str, Any]] = {
+    "UNet2DModel": {
+        **_COMMON_DEFAULTS,
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"],
+        "up_block_types": ["AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
+        "mid_block_type": "UNetMidBlock2D",
+        "block_out_channels": [224, 448, 672, 896],
+        "attn_norm_num_groups": None,
+    },
+    "UNet2DConditionModel": {
+        **_COMMON_DEFAULTS,
+        "in_channels": 4,
+        "out_channels": 4,
+        "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+        "mid_block_type": "UNetMidBlock2DCrossAttn",
+        "block_out_channels": [320, 640, 1280, 1280],
+        "num_attention_heads": None,
+        "cross_attention_dim": 1280,
+        "use_linear_projection": False,
+        "transformer_layers_per_block": 1,
+    },
+}
+
+# Options we do not implement -> the values that mean "off" (a list of such values also passes).
+UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "center_input_sample": (False,),
+    "time_embedding_type": ("positional",),
+    "act_fn": ("silu", "swish"),
+    "class_embed_type": (None,),
+    "downsample_type": ("conv",),
+    "upsample_type": ("conv",),
+    "add_attention": (True,),
+    "only_cross_attention": (False,),
+    "mid_block_only_cross_attention": (None, False),
+    "dual_cross_attention": (False,),
+    "reverse_transformer_layers_per_block": (None,),
+    "encoder_hid_dim": (None,),
+    "encoder_hid_dim_type": (None,),
+    "addition_embed_type": (None,),
+    "addition_time_embed_dim": (None,),
+    "resnet_skip_time_act": (False,),
+    "resnet_out_scale_factor": (1.0,),
+    "time_embedding_act_fn": (None,),
+    "timestep_post_act": (None,),
+    "time_cond_proj_dim": (None,),
+    "conv_in_kernel": (3,),
+    "conv_out_kernel": (3,),
+    "projection_class_embeddings_input_dim": (None,),
+    "attention_type": ("default",),
+    "class_embeddings_concat": (False,),
+    "cross_attention_norm": (None,),
+}
+
+# Keys without effect on a supported model: the first two only act with options refused above; upcast_attention
+# (SD 2.1) asks for fp32 attention scores, which our SDPA (fp32 accumulation) and chunked (fp32 softmax) paths give.
+IGNORED = ("addition_embed_type_num_heads", "num_train_timesteps", "upcast_attention")
+
+_COPIED = (
+    "sample_size",
+    "in_channels",
+    "out_channels",
+    "block_out_channels",
+    "layers_per_block",
+    "down_block_types",
+    "up_block_types",
+    "mid_block_scale_factor",
+    "norm_num_groups",
+    "norm_eps",
+    "flip_sin_to_cos",
+    "freq_shift",
+    "resnet_time_scale_shift",
+    "num_class_embeds",
+    "downsample_padding",
+    "dropout",
+    "time_embedding_dim",
+)
+
+
+def unet_config_fields(cfg: dict[str, Any]) -> dict[str, Any]:
+    """``UNetConfig`` fields for a diffusers U-Net config.json; unsupported or unknown options raise ValueError."""
+    class_name = cfg.get("_class_name")
+    if class_name not in DIFFUSERS_DEFAULTS:
+        raise ValueError(
+            f"_class_name={class_name!r} is not a supported U-Net; supported: {sorted(DIFFUSERS_DEFAULTS)}"
+        )
+    cfg = {**DIFFUSERS_DEFAULTS[class_name], **{k: v for k, v in cfg.items() if not k.startswith("_")}}
+    _check_supported(cfg, class_name)
+    fields = {k: cfg[k] for k in _COPIED}
+    fields["freq_shift"] = float(cfg["freq_shift"])
+    if class_name == "UNet2DModel":
+        fields.update(_unet2d_fields(cfg))
+    else:
+        fields.update(_conditional_fields(cfg))
+    return fields
+
+
+def _check_supported(cfg: dict[str, Any], class_name: str) -> None:
+    known = set(DIFFUSERS_DEFAULTS[class_name]) | set(UNSUPPORTED) | set(IGNORED)
+    unknown = sorted(set(cfg) - known)
+    if unknown:
+        raise ValueError(f"{class_name} config: unknown options {unknown}; not translated, so refused")
+    for key, off in UNSUPPORTED.items():
+        value = cfg.get(key, off[0])
+        values = value if isinstance(value, list) else [value]
+        if any(v not in off for v in values):
+            raise ValueError(f"{class_name} config: {key}={value!r} is not supported; supported: {off[0]!r}")
+
+
+def _unet2d_fields(cfg: dict[str, Any]) -> dict[str, Any]:
+    """UNet2DModel: ``attention_head_dim`` is the head dimension (None: one head); any mid type is UNetMidBlock2D."""
+    return {
+        "attention_head_dim": cfg["attention_head_dim"],
+        "mid_block_type": None if cfg["mid_block_type"] is None else "UNetMidBlock2D",
+        # diffusers gives the mid attention a GroupNorm only with additive time conditioning or explicit groups
+        "mid_attention_norm": cfg["attn_norm_num_groups"] is not None or cfg["resnet_time_scale_shift"] == "default",
+        "attn_norm_num_groups": cfg["attn_norm_num_groups"],
+    }
+
+
+def _conditional_fields(cfg: dict[str, Any]) -> dict[str, Any]:
+    """UNet2DConditionModel: head counts from ``num_attention_heads``, else from ``attention_head_dim``."""
+    blocks = [*cfg["down_block_types"], *cfg["up_block_types"]]
+    for name in ("AttnDownBlock2D", "AttnUpBlock2D"):
+        if name in blocks:  # their head dim comes from attention_head_dim, unlike the transformer blocks' heads
+            raise ValueError(f"UNet2DConditionModel config: {name} is not supported (only in UNet2DModel)")
+    if cfg["mid_block_type"] not in (None, "UNetMidBlock2DCrossAttn"):
+        raise ValueError(
+            f"UNet2DConditionModel config: mid_block_type={cfg['mid_block_type']!r} is not supported; "
+            "supported: 'UNetMidBlock2DCrossAttn' or None"
+        )
+    cross = any("CrossAttn" in b for b in blocks) or cfg["mid_block_type"] is not None
+    return {
+        "mid_block_type": cfg["mid_block_type"],
+        "num_attention_heads": cfg["num_attention_heads"] or cfg["attention_head_dim"],
+        "cross_attention_dim": _one_value("cross_attention_dim", cfg["cross_attention_dim"]) if cross else None,
+        "use_linear_projection": cfg["use_linear_projection"],
+        "transformer_layers_per_block": cfg["transformer_layers_per_block"],
+    }
+
+
+def _one_value(key: str, value: Any) -> Any:
+    """An int, or a per-block list whose entries agree (per-block values of ``key`` are not supported)."""
+    if isinstance(value, list):
+        if len(set(value)) != 1:
+            raise ValueError(f"UNet2DConditionModel config: per-block {key}={value!r} is not supported")
+        return value[0]
+    return value
