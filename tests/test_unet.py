@@ -78,16 +78,6 @@ CASES = {
 TIMESTEPS = [torch.tensor([10.5, 731.25]), 500, 999.0, torch.tensor(250)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine threads waiting for each
-    other made these tests 5-50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def randomized(cls, kwargs):
     """A diffusers model with every parameter random, so that zero-initialized output layers hide nothing."""
     torch.manual_seed(0)

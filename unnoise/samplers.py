@@ -11,17 +11,17 @@ estimate; if it returns ``True`` sampling stops and the current state is returne
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from unnoise.noise import Generator, randn_like
 from unnoise.schedules import check_choice, check_grid
 
 Denoiser = Callable[..., Tensor]
 Callback = Callable[[int, float, Tensor, Tensor], Any]
-Generator = torch.Generator | Sequence[torch.Generator] | None
 
 
 # -- shared pieces ---------------------------------------------------------------------------------------------
@@ -42,13 +42,6 @@ def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[f
         return 0.0, 0.0
     sigma_up = min(sigma_next, eta * math.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2))
     return math.sqrt(sigma_next**2 - sigma_up**2), sigma_up
-
-
-def noise_like(x: Tensor, generator: Generator) -> Tensor:
-    """Unit Gaussian noise shaped like ``x``; with one generator per image, image i's noise ignores the batch."""
-    if generator is None or isinstance(generator, torch.Generator):
-        return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-    return torch.stack([torch.randn(x.shape[1:], generator=g, dtype=x.dtype, device=x.device) for g in generator])
 
 
 def _check(x: Tensor, sigmas: Tensor, generator: Generator) -> None:
@@ -91,7 +84,7 @@ def _ancestral(denoiser, x, sigmas, generator, callback, eta, cond) -> Tensor:
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
         x = denoised + to_d(x, sigma, denoised) * sigma_down
         if sigma_up > 0:
-            x = x + noise_like(x, generator) * sigma_up
+            x = x + randn_like(x, generator) * sigma_up
     return x
 
 
@@ -182,7 +175,7 @@ def sample_dpmpp_2m_sde(denoiser, x, sigmas, *, generator=None, callback=None, e
         d = denoised if old_denoised is None else _midpoint(denoised, old_denoised, h_last / h)
         x = (sigma_next / sigma) * math.exp(-eta_h) * x - math.expm1(-h - eta_h) * d
         if eta > 0:
-            x = x + noise_like(x, generator) * (sigma_next * math.sqrt(-math.expm1(-2 * eta_h)))
+            x = x + randn_like(x, generator) * (sigma_next * math.sqrt(-math.expm1(-2 * eta_h)))
         old_denoised, h_last = denoised, h
     return x
 
