@@ -1,0 +1,164 @@
+"""Forward latency and peak memory of our U-Net and VAE against diffusers on identical weights (CPU).
+
+    python benchmarks/models.py            # writes docs/benchmarks/models.md
+    python benchmarks/models.py --quick    # fewer repeats, prints only
+
+The config is Stable Diffusion 1.5's shape at reduced width (channels x 0.3 for the U-Net, / 2 for the VAE), so a
+2-core CPU runs it in seconds: the U-Net on a CFG batch of 2 latents of 32x32 with 77 context tokens, the VAE
+decoding one 32x32 latent to 256x256. Latency is the median of repeated calls, ours and diffusers' alternating in
+one process. Peak memory is measured per side in a fresh subprocess: the resident-set high-water mark (VmHWM,
+reset through /proc/self/clear_refs after a warm-up call) above the resident set before the measured call, with
+glibc told to return large blocks to the system at once (MALLOC_MMAP_THRESHOLD_) so that freed tensors leave the RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.gpu import SD15_UNET, SD15_VAE, build, import_diffusers  # noqa: E402
+
+UNET = {**SD15_UNET, "block_out_channels": [96, 192, 384, 384], "sample_size": 32}
+VAE = {**SD15_VAE, "block_out_channels": [64, 128, 256, 256], "sample_size": 256}
+SETTINGS = {"default": {}, "channels_last": {"memory_format": torch.channels_last}}
+
+
+def inputs(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "x": torch.randn(2, 4, 32, 32, generator=g),
+        "t": torch.tensor([500.0, 500.0]),
+        "context": torch.randn(2, 77, 768, generator=g),
+        "z": torch.randn(1, 4, 32, 32, generator=g),
+    }
+
+
+def calls(models, data):
+    """The four timed calls: (our U-Net, diffusers' U-Net, our VAE decode, diffusers' VAE decode)."""
+    unet, vae, d_unet, d_vae = models
+    x, t, ctx, z = data["x"], data["t"], data["context"], data["z"]
+    return {
+        "unet": (lambda: unet(x, t, encoder_hidden_states=ctx), lambda: d_unet(x, t, encoder_hidden_states=ctx).sample),
+        "vae_decode": (lambda: vae.decode(z), lambda: d_vae.decode(z).sample),
+    }
+
+
+def prepare(setting: str):
+    diffusers = import_diffusers()
+    models = build(diffusers, UNET, VAE, seed=0)
+    data = inputs()
+    if "memory_format" in SETTINGS[setting]:
+        fmt = SETTINGS[setting]["memory_format"]
+        for m in models:
+            m.to(memory_format=fmt)
+        data = {k: v.to(memory_format=fmt) if v.ndim == 4 else v for k, v in data.items()}
+    for m in models:
+        m.eval()
+    return models, data
+
+
+def latency(setting: str, repeats: int) -> dict[str, dict[str, float]]:
+    models, data = prepare(setting)
+    result = {}
+    with torch.inference_mode():
+        for name, (ours, theirs) in calls(models, data).items():
+            err = (ours() - theirs()).abs().max().item()
+            times = {"ours": [], "diffusers": []}
+            for _ in range(repeats):
+                for side, fn in (("ours", ours), ("diffusers", theirs)):
+                    start = time.perf_counter()
+                    fn()
+                    times[side].append(time.perf_counter() - start)
+            med = {side: statistics.median(v) for side, v in times.items()}
+            result[name] = {**med, "ratio": med["ours"] / med["diffusers"], "max_abs_diff": err}
+    return result
+
+
+def _read_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_child(setting: str, name: str, side: int) -> None:
+    """In a fresh process: warm up one call, reset the high-water mark, run it again, print the peak growth."""
+    models, data = prepare(setting)
+    fn = calls(models, data)[name][side]
+    with torch.inference_mode():
+        fn()
+        Path("/proc/self/clear_refs").write_text("5")
+        before = _read_kib("VmRSS")
+        fn()
+        print(json.dumps({"peak_mib": (_read_kib("VmHWM") - before) / 1024}))
+
+
+def peak(setting: str, name: str, side: int) -> float:
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, __file__, "--peak-child", setting, name, str(side)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_mib"]
+
+
+def report(results: dict, repeats: int) -> str:
+    lines = [
+        "# Model forward: ours against diffusers on identical weights (CPU)",
+        "",
+        "Produced by `python benchmarks/models.py` (see its docstring for the method). "
+        f"Machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, fp32, median of {repeats} calls.",
+        "Stable Diffusion 1.5's U-Net and VAE shapes at reduced width: U-Net channels (96, 192, 384, 384), CFG batch "
+        "of 2 at 32x32 latents, 77x768 context; VAE channels (64, 128, 256, 256) decoding one 32x32 latent to 256x256.",
+        "",
+        "| setting | model | ours (ms) | diffusers (ms) | latency ratio | ours peak (MiB) | diffusers peak (MiB) "
+        "| memory ratio | max abs diff |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for setting, per_model in results.items():
+        for name, r in per_model.items():
+            lines.append(
+                f"| {setting} | {name} | {r['ours'] * 1e3:.1f} | {r['diffusers'] * 1e3:.1f} | {r['ratio']:.3f} "
+                f"| {r['peak_ours']:.0f} | {r['peak_diffusers']:.0f} | {r['peak_ours'] / r['peak_diffusers']:.3f} "
+                f"| {r['max_abs_diff']:.1e} |"
+            )
+    lines += ["", "Goal: latency ratio <= 0.9 and memory ratio <= 1.0. Ratios below 1 favour us.", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="3 repeats, default setting only, print only")
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks" / "models.md"))
+    parser.add_argument("--peak-child", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.peak_child:
+        setting, name, side = args.peak_child
+        peak_child(setting, name, int(side))
+        return {}
+    repeats = 3 if args.quick else args.repeats
+    settings = ["default"] if args.quick else list(SETTINGS)
+    results = {}
+    for setting in settings:
+        results[setting] = latency(setting, repeats)
+        for name, r in results[setting].items():
+            r["peak_ours"], r["peak_diffusers"] = peak(setting, name, 0), peak(setting, name, 1)
+    text = report(results, repeats)
+    print(text)
+    if not args.quick:
+        Path(args.out).write_text(text)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""Building blocks against diffusers' blocks of the same name on copied weights, and their memory behaviour."""
+
+import pytest
+import torch
+from diffusers.models.attention_processor import Attention as DiffusersAttention
+from diffusers.models.resnet import ResnetBlock2D as DiffusersResnet
+from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+from unnoise.models.layers import GEGLU, ResnetBlock2D, SpatialAttention, Transformer2D, timestep_embedding
+
+
+def copy_and_compare(ours, theirs, *args):
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    with torch.no_grad():
+        a, b = ours(*args), theirs(*args)
+    b = b.sample if hasattr(b, "sample") else b
+    assert (a - b).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("norm", ["default", "scale_shift"])
+def test_resnet_block_matches_diffusers(norm):
+    torch.manual_seed(0)
+    kw = dict(temb_channels=128, time_embedding_norm=norm, output_scale_factor=1.5)
+    theirs = DiffusersResnet(in_channels=64, out_channels=96, **kw)
+    copy_and_compare(ResnetBlock2D(64, 96, **kw), theirs, torch.randn(2, 64, 8, 8), torch.randn(2, 128))
+
+
+@pytest.mark.parametrize("linear", [False, True])
+def test_spatial_transformer_matches_diffusers(linear):
+    torch.manual_seed(0)
+    theirs = Transformer2DModel(
+        num_attention_heads=4,
+        attention_head_dim=16,
+        in_channels=64,
+        cross_attention_dim=48,
+        use_linear_projection=linear,
+        num_layers=2,
+    )
+    ours = Transformer2D(64, 4, 16, context_dim=48, use_linear_projection=linear, depth=2)
+    copy_and_compare(ours, theirs, torch.randn(2, 64, 8, 8), torch.randn(2, 7, 48))
+
+
+def test_spatial_attention_matches_diffusers():
+    torch.manual_seed(0)
+    theirs = DiffusersAttention(
+        64,
+        heads=2,
+        dim_head=32,
+        rescale_output_factor=2.0,
+        residual_connection=True,
+        bias=True,
+        norm_num_groups=32,
+        eps=1e-6,
+    )
+    copy_and_compare(
+        SpatialAttention(64, heads=2, dim_head=32, rescale_output_factor=2.0), theirs, torch.randn(2, 64, 8, 8)
+    )
+
+
+def test_timestep_embedding_matches_diffusers():
+    from diffusers.models.embeddings import get_timestep_embedding
+
+    t = torch.tensor([0.0, 1.5, 999.0])
+    for flip, shift in [(True, 0.0), (False, 1.0)]:
+        expected = get_timestep_embedding(t, 33, flip_sin_to_cos=flip, downscale_freq_shift=shift)
+        torch.testing.assert_close(timestep_embedding(t, 33, flip_sin_to_cos=flip, freq_shift=shift), expected)
+
+
+@pytest.mark.parametrize("linear", [False, True])
+def test_transformer_output_keeps_the_input_memory_format(linear):
+    """A channels-last result after a contiguous input made every later conv reorder its weights (2x peak memory)."""
+    block = Transformer2D(64, 4, 16, context_dim=48, use_linear_projection=linear).eval()
+    x, ctx = torch.randn(2, 64, 8, 8), torch.randn(2, 7, 48)
+    with torch.no_grad():
+        out = block(x, ctx)
+        assert out.is_contiguous()
+        out_cl = block(x.to(memory_format=torch.channels_last), ctx)
+    assert out_cl.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out_cl, out)
+
+
+def test_geglu_inference_path_equals_the_autograd_path():
+    layer = GEGLU(16, 32)
+    x = torch.randn(3, 5, 16)
+    with torch.inference_mode():
+        fast = layer(x)
+    slow = layer(x.requires_grad_())
+    torch.testing.assert_close(fast, slow.detach())
+    slow.sum().backward()
+    assert x.grad is not None
