@@ -69,15 +69,15 @@ TINY_VAE = {**SD15_VAE, "block_out_channels": [16, 32, 32, 32], "norm_num_groups
 PEAKS = {"H100 SXM": 989.4e12, "H100 PCIe": 756.0e12, "H100": 989.4e12, "H200": 989.4e12, "A100": 312.0e12}
 
 
-def import_diffusers():
-    """Import diffusers, falling back to wheels placed beside this script."""
+def import_diffusers(wheel_dir: str | None = None):
+    """Import diffusers, falling back to wheels in ``wheel_dir`` (default: beside this script)."""
     try:
         import diffusers
     except ImportError:
-        here = os.path.dirname(os.path.abspath(__file__))
+        here = wheel_dir or os.path.dirname(os.path.abspath(__file__))
         wheels = sorted(glob.glob(os.path.join(here, "*.whl")))
         if not wheels:
-            raise SystemExit("diffusers is not installed and no *.whl lies beside benchmarks/gpu.py") from None
+            raise SystemExit(f"diffusers is not installed and no *.whl lies in {here}") from None
         sys.path[:0] = wheels
         import diffusers
     return diffusers

@@ -1,0 +1,35 @@
+"""The benchmark scripts run end to end on small configs (the full runs are recorded in docs/benchmarks/)."""
+
+import sys
+import zipfile
+
+from benchmarks import gpu
+
+
+def test_gpu_script_runs_on_cpu_and_both_sides_agree():
+    result = gpu.main(["--tiny", "--device", "cpu", "--dtype", "fp32", "--size", "64", "--steps", "2", "--runs", "1"])
+    assert result["max_abs_image_difference"] < 1e-4
+    assert result["ours"]["latency_s"] > 0 and result["diffusers"]["latency_s"] > 0
+    assert result["model_tflop_per_image"] > 0
+
+
+def test_gpu_script_imports_diffusers_from_a_wheel(tmp_path, monkeypatch):
+    wheel = tmp_path / "diffusers-0.0.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr("diffusers/__init__.py", "FROM_WHEEL = True\n")
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # makes `import diffusers` raise ImportError
+    monkeypatch.setattr(sys, "path", list(sys.path))
+
+    def forget_and_import(name, *args, **kwargs):
+        if name == "diffusers" and sys.modules.get("diffusers", 0) is None:
+            del sys.modules["diffusers"]
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    import builtins
+
+    real_import = builtins.__import__
+    monkeypatch.setattr(builtins, "__import__", forget_and_import)
+    module = gpu.import_diffusers(str(tmp_path))
+    assert module.FROM_WHEEL and str(wheel) in sys.path
+    sys.modules.pop("diffusers", None)
