@@ -8,7 +8,7 @@ import torch
 
 from unnoise.denoisers import EDMDenoiser, FlowDenoiser, VPDenoiser, flow_sigmas
 from unnoise.samplers import SAMPLERS, STOCHASTIC, ancestral_step, nfe, sample
-from unnoise.schedules import VPSchedule, karras_sigmas
+from unnoise.schedules import VPSchedule, karras_sigmas, tau_sigmas
 
 S = 0.5  # data std
 
@@ -40,6 +40,34 @@ def test_deterministic_samplers_converge_at_their_order_on_gaussian_data(method,
     slopes = [math.log2(errors[i] / errors[i + 1]) for i in range(2)]
     assert all(abs(p - order) < 0.3 for p in slopes), (errors, slopes)
     assert errors[-1] < {1: 0.05, 2: 2e-3, 3: 3e-4}[order]
+
+
+class MismatchedGaussian:
+    """The ideal denoiser of N(0, S^2) data, telling samplers that the data std is ``sigma_data``."""
+
+    def __init__(self, sigma_data):
+        self.sigma_data = sigma_data
+
+    def __call__(self, x, sigma):
+        return gaussian_denoiser(x, sigma)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 5])
+def test_gauss_pc_is_exact_for_gaussian_data_of_its_sigma_data(steps):
+    for sigmas in (karras_sigmas(steps, 0.002, 80.0), tau_sigmas(steps, 80.0, 1.0)):
+        x = torch.ones(1, 1, dtype=torch.float64) * math.sqrt(S**2 + 80.0**2)
+        out = sample(MismatchedGaussian(S), x, sigmas, "gauss_pc")
+        assert out.item() ** 2 == pytest.approx(S**2, rel=1e-10)
+
+
+def test_gauss_pc_converges_at_third_order_when_the_data_std_is_wrong():
+    errors = []
+    for steps in (16, 32, 64):
+        x = torch.ones(1, 1, dtype=torch.float64) * math.sqrt(S**2 + 80.0**2)
+        out = sample(MismatchedGaussian(1.0), x, karras_sigmas(steps, 0.002, 80.0), "gauss_pc")
+        errors.append(abs(out.item() ** 2 - S**2) / S**2)
+    slopes = [math.log2(errors[i] / errors[i + 1]) for i in range(2)]
+    assert min(slopes) > 2.8 and errors[-1] < 1e-3, (errors, slopes)
 
 
 @pytest.mark.parametrize("method", STOCHASTIC + ("ddim",))

@@ -34,7 +34,7 @@ def test_grid_invariants_for_every_spacing(sd, spacing, steps, extra_point):
     assert sigmas[:-1].min() >= sd.sigma_min * (1 - 1e-12) and sigmas[0] <= sd.sigma_max * (1 + 1e-12)
 
 
-@pytest.mark.parametrize("spacing", ["trailing", "linspace", "karras", "exponential"])
+@pytest.mark.parametrize("spacing", ["trailing", "linspace", "karras", "exponential", "tau"])
 def test_grids_that_start_at_the_top_and_end_at_sigma_min(sd, spacing):
     # linspace reaches t = 0 itself; with extra_point it stops one interval short, as diffusers' DPM-Solver does
     sigmas = sd.sigmas_for(10, spacing, final="sigma_min", extra_point=spacing == "linspace")
@@ -64,6 +64,16 @@ def test_karras_grid_follows_eq5(sd):
     expected = [(hi + i / 4 * (lo - hi)) ** 7 for i in range(5)] + [0.0]
     torch.testing.assert_close(sigmas, torch.tensor(expected, dtype=torch.float64))
     torch.testing.assert_close(karras_sigmas(5, sd.sigma_min, sd.sigma_max), sigmas)
+
+
+def test_tau_grid_is_uniform_in_log_of_data_plus_noise_variance(sd):
+    sigmas = sd.sigmas_for(8, "tau", sigma_data=0.7)
+    tau = 0.5 * (0.49 + sigmas**2).log()
+    steps = tau[:-1] - tau[1:]
+    torch.testing.assert_close(steps, steps.mean().expand(8))
+    assert sigmas[0] == pytest.approx(sd.sigma_max) and sigmas[-1] == 0
+    with pytest.raises(ValueError, match="places sigmas below the schedule's smallest"):
+        sd.sigmas_for(999, "tau", sigma_data=0.05)
 
 
 def test_exponential_grid_is_uniform_in_log_sigma(sd):

@@ -15,6 +15,12 @@ from torch import Tensor, nn
 from unnoise.schedules import VPSchedule, append_dims, check_choice
 
 PREDICTIONS = ("epsilon", "v_prediction", "sample")
+DEFAULT_SIGMA_DATA = 0.5  # EDM's value; about the std of images in [-1, 1]
+
+
+def data_std(denoiser: Callable[..., Tensor]) -> float:
+    """The data std a sampler may assume: the denoiser's ``sigma_data`` attribute, else ``DEFAULT_SIGMA_DATA``."""
+    return float(getattr(denoiser, "sigma_data", DEFAULT_SIGMA_DATA))
 
 
 def per_sample_sigma(x: Tensor, sigma: Tensor | float) -> Tensor:
@@ -38,9 +44,12 @@ def _model_dtype(x: Tensor) -> torch.dtype:
 class Denoiser(nn.Module):
     """Base adapter: subclasses give ``scalings(sigma) -> (c_skip, c_out, c_in)`` and ``noise_input(sigma)``."""
 
-    def __init__(self, model: Callable[..., Tensor]):
+    def __init__(self, model: Callable[..., Tensor], sigma_data: float = DEFAULT_SIGMA_DATA):
         super().__init__()
+        if not sigma_data > 0:
+            raise ValueError(f"sigma_data={sigma_data!r} must be positive")
         self.model = model
+        self.sigma_data = sigma_data  # the data std; EDM's preconditioning and the gauss_pc sampler use it
 
     def scalings(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         raise NotImplementedError
@@ -77,8 +86,9 @@ class VPDenoiser(Denoiser):
         prediction: str = "epsilon",
         *,
         quantize: bool = False,
+        sigma_data: float = DEFAULT_SIGMA_DATA,
     ):
-        super().__init__(model)
+        super().__init__(model, sigma_data)
         check_choice("prediction", prediction, PREDICTIONS)
         self.schedule = schedule
         self.prediction = prediction
@@ -103,11 +113,8 @@ class VPDenoiser(Denoiser):
 class EDMDenoiser(Denoiser):
     """EDM preconditioning, Karras et al. 2022, Table 1: ``model(c_in x, log(sigma) / 4)``."""
 
-    def __init__(self, model: Callable[..., Tensor], sigma_data: float = 0.5):
-        super().__init__(model)
-        if not sigma_data > 0:
-            raise ValueError(f"sigma_data={sigma_data!r} must be positive")
-        self.sigma_data = sigma_data
+    def __init__(self, model: Callable[..., Tensor], sigma_data: float = DEFAULT_SIGMA_DATA):
+        super().__init__(model, sigma_data)
 
     def scalings(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         sd2 = self.sigma_data**2
@@ -127,8 +134,10 @@ class FlowDenoiser(Denoiser):
     (1000 for diffusers' flow-matching models such as SD3).
     """
 
-    def __init__(self, model: Callable[..., Tensor], *, time_scale: float = 1.0):
-        super().__init__(model)
+    def __init__(
+        self, model: Callable[..., Tensor], *, time_scale: float = 1.0, sigma_data: float = DEFAULT_SIGMA_DATA
+    ):
+        super().__init__(model, sigma_data)
         self.time_scale = time_scale
 
     def scalings(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -12,7 +12,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from unnoise.denoisers import per_sample_sigma
+from unnoise.denoisers import data_std, per_sample_sigma
 from unnoise.schedules import append_dims, check_choice
 
 RESCALE_SPACES = ("v", "epsilon")
@@ -51,6 +51,10 @@ class CFGDenoiser(nn.Module):
         self.rescale = rescale
         self.interval = interval
         self.rescale_space = rescale_space
+
+    @property
+    def sigma_data(self) -> float:
+        return data_std(self.denoiser)
 
     def forward(self, x: Tensor, sigma: Tensor | float, **cond: Any) -> Tensor:
         sigma = per_sample_sigma(x, sigma)

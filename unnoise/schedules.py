@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 BETA_KINDS = ("linear", "scaled_linear", "cosine", "sigmoid")
-SPACINGS = ("leading", "trailing", "linspace", "karras", "exponential")
+SPACINGS = ("leading", "trailing", "linspace", "karras", "exponential", "tau")
 FINALS = ("zero", "sigma_min")
 INTERPOLATIONS = ("log", "linear")
 
@@ -163,18 +163,28 @@ class VPSchedule:
         final: Literal["zero", "sigma_min"] = "zero",
         extra_point: bool = False,
         rho: float = 7.0,
+        sigma_data: float = 1.0,
     ) -> Tensor:
         """A sampling grid: ``steps + 1`` decreasing float64 sigmas ending in 0 (or in the smallest training sigma).
 
         ``extra_point`` places ``steps + 1`` timesteps and drops the smallest, as diffusers' multistep schedulers
         (DPMSolverMultistep, UniPC) do for ``leading`` and ``linspace``; ``karras`` (Karras et al. 2022, eq. 5)
-        and ``exponential`` span the whole training range.
+        and ``exponential`` span the whole training range; ``tau`` is uniform in ``log(sigma_data^2 + sigma^2)``
+        from the top of the range to the end (see ``tau_sigmas``).
         """
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps={steps!r} must be an integer >= 1")
         check_choice("spacing", spacing, SPACINGS)
         check_choice("final", final, FINALS)
-        if spacing in ("karras", "exponential"):
+        if spacing == "tau":
+            end = 0.0 if final == "zero" else self.sigma_min
+            sigmas = tau_sigmas(steps, self.sigma_max, sigma_data, sigma_end=end)[:-1]
+            if (sigmas < self.sigma_min * (1 - 1e-9)).any():
+                raise ValueError(
+                    f"spacing='tau' with steps={steps} and sigma_data={sigma_data} places sigmas below the "
+                    f"schedule's smallest {self.sigma_min:.4g}; use fewer steps or a larger sigma_data"
+                )
+        elif spacing in ("karras", "exponential"):
             sigmas = self._continuous_spacing(steps, spacing, rho)
         else:
             sigmas = self.t_to_sigma(
@@ -229,6 +239,26 @@ def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7
     ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
     sigmas = (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
     return torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)])
+
+
+def tau_sigmas(steps: int, sigma_max: float, sigma_data: float = 1.0, *, sigma_end: float = 0.0) -> Tensor:
+    """Grid uniform in ``tau = log(sigma_data^2 + sigma^2) / 2`` from sigma_max to sigma_end: steps shrink
+    geometrically at high noise (like ``exponential``) and evenly in ``sigma^2`` near the data; ``tau`` stays
+    finite at sigma 0, the time variable of the ``gauss_pc`` sampler."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps={steps!r} must be an integer >= 1")
+    if not (sigma_data > 0 and 0 <= sigma_end < sigma_max):
+        raise ValueError(
+            f"need sigma_data > 0 and 0 <= sigma_end < sigma_max, got sigma_data={sigma_data}, "
+            f"sigma_end={sigma_end}, sigma_max={sigma_max}"
+        )
+    sd2 = sigma_data**2
+    tau = torch.linspace(
+        0.5 * math.log(sd2 + sigma_max**2), 0.5 * math.log(sd2 + sigma_end**2), steps + 1, dtype=torch.float64
+    )
+    sigmas = (torch.exp(2 * tau) - sd2).clamp_min(0).sqrt()
+    sigmas[0], sigmas[-1] = sigma_max, sigma_end
+    return sigmas
 
 
 def check_grid(sigmas: Tensor) -> None:
