@@ -1,0 +1,1 @@
+from unnoise.pipeline import Pipeline as Pipeline

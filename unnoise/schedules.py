@@ -150,7 +150,11 @@ class VPSchedule:
             )
         table = self.log_sigmas if self.interpolation == "log" else self.sigmas
         value = sigma.log() if self.interpolation == "log" else sigma
-        low = (torch.searchsorted(table, value.flatten(), right=True) - 1).clamp(0, len(table) - 2).reshape(value.shape)
+        low = (
+            (torch.searchsorted(table, value.flatten().contiguous(), right=True) - 1)
+            .clamp(0, len(table) - 2)
+            .reshape(value.shape)
+        )
         w = ((value - table[low]) / (table[low + 1] - table[low])).clamp(0, 1)
         return low + w
 

@@ -1,0 +1,201 @@
+"""The ``unnoise`` command: generate writes PNGs with parameters and a grid, --from-png reproduces an image
+bit-exactly, user errors are one line with exit status 2, Ctrl-C exits with 130, the module runs as a script."""
+
+import re
+import subprocess
+import sys
+
+import diffusers
+import numpy as np
+import pytest
+import transformers
+from PIL import Image
+from test_pipeline import SD_SCHEDULE, tiny_components
+
+from unnoise import cli
+from unnoise.png import read_png_parameters, save_png
+
+SIZE = 32  # the tiny model's latent factor is 8
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """A tiny random Stable Diffusion folder in the diffusers layout, with an Euler scheduler."""
+    sd = diffusers.StableDiffusionPipeline(
+        **tiny_components(tmp_path_factory.mktemp("tokenizer")),
+        scheduler=diffusers.EulerDiscreteScheduler(**SD_SCHEDULE, timestep_spacing="leading", steps_offset=1),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    folder = tmp_path_factory.mktemp("model")
+    sd.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def quiet_transformers():
+    """No "Loading weights" bar from transformers, which is already imported here (a fresh ``unnoise`` process
+    turns it off through the environment before importing it; test_module_runs_as_a_script checks that)."""
+    logging = transformers.utils.logging
+    enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # what main() sets, restored after
+        yield
+    if enabled:
+        logging.enable_progress_bar()
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Input files: an image, a mask of its size, one of another size, a text file, a PNG without parameters."""
+    folder = tmp_path_factory.mktemp("inputs")
+    rng = np.random.default_rng(3)
+    Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8), mode="RGB").save(folder / "image.png")
+    mask = np.zeros((SIZE, SIZE), dtype=np.uint8)
+    mask[:, : SIZE // 2] = 255
+    Image.fromarray(mask).save(folder / "mask.png")
+    Image.new("L", (16, 16)).save(folder / "small_mask.png")
+    (folder / "notes.txt").write_text("not an image")
+    Image.new("RGB", (SIZE, SIZE)).save(folder / "plain.png")
+    return {p.stem: str(p) for p in folder.iterdir()}
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of ``unnoise ARGV``."""
+    try:
+        cli.main([str(a) for a in argv])
+        status = 0
+    except SystemExit as exit:
+        status = exit.code
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def pixels(path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def generate(capsys, model, out, *argv) -> tuple[list[str], str]:
+    """Run ``unnoise generate --model MODEL -o OUT ARGV``: (printed paths, stderr)."""
+    status, stdout, stderr = run(capsys, "generate", "--model", model, "-o", out, "--device", "cpu", *argv)
+    assert status == 0, stderr
+    return stdout.split(), stderr
+
+
+def test_generate_writes_pngs_grid_and_progress(capsys, model, tmp_path):
+    out = tmp_path / "out"
+    paths, stderr = generate(capsys, model, out, "a cat", "-n", 2, "--steps", 2, "--size", "32x32", "--seed", 5)
+    assert paths == [str(out / name) for name in ("00000-5.png", "00001-6.png", "grid-00000.png")]
+    for i, path in enumerate(paths[:2]):
+        p = read_png_parameters(path)
+        assert (p["prompt"], p["steps"], p["seed"], p["width"], p["height"]) == ("a cat", 2, 5 + i, SIZE, SIZE)
+        assert (p["batch_size"], p["batch_pos"], p["extra"]) == (2, i, {})
+    grid = pixels(paths[2])
+    assert grid.shape == (SIZE, 2 * SIZE, 3)
+    assert np.array_equal(grid[:, SIZE:], pixels(paths[1])) and not np.array_equal(grid[:, :SIZE], grid[:, SIZE:])
+    assert "\rsampling [" in stderr and "] 2/2 steps" in stderr and stderr.endswith("\n")
+    paths, _ = generate(capsys, model, out, "a dog", "--steps", 1, "--size", "32x32", "--seed", 1)
+    assert paths == [str(out / "00002-1.png")]  # numbered on, a single image has no grid
+
+
+def test_from_png_reproduces_bit_exactly_and_flags_override(capsys, model, tmp_path):
+    out = tmp_path / "out"
+    argv = ("a cat", "-n", 2, "--steps", 3, "--size", "32x32", "--seed", 5, "--negative", "dog", "--sampler", "euler_a")
+    first, second, _ = generate(capsys, model, out, *argv)[0]
+    again = generate(capsys, model, out, "--from-png", second)[0]
+    assert again == [str(out / "00002-6.png")]
+    assert np.array_equal(pixels(again[0]), pixels(second))
+    assert read_png_parameters(again[0]) == read_png_parameters(second)
+    changed = generate(capsys, model, out, "--from-png", first, "--steps", 2, "a dog")[0]
+    p = read_png_parameters(changed[0])
+    assert (p["prompt"], p["negative_prompt"], p["steps"], p["seed"], p["sampler"]) == ("a dog", "dog", 2, 5, "euler_a")
+
+
+def test_img2img_and_inpainting_from_png(capsys, model, files, tmp_path):
+    out = tmp_path / "out"
+    argv = ("--init-image", files["image"], "--mask", files["mask"], "--strength", 0.75, "--steps", 4, "--seed", 2)
+    made = generate(capsys, model, out, "a cat", *argv)[0][0]
+    assert read_png_parameters(made)["strength"] == 0.75
+    again = generate(capsys, model, out, "--from-png", made, "--init-image", files["image"], "--mask", files["mask"])
+    assert np.array_equal(pixels(again[0][0]), pixels(made))
+    status, _, stderr = run(capsys, "generate", "--model", model, "--from-png", made)
+    assert status == 2 and "argument --from-png:" in stderr and "--init-image" in stderr
+
+
+def test_from_png_warns_about_settings_it_cannot_apply(capsys, model, tmp_path):
+    image = Image.new("RGB", (SIZE, SIZE))
+    image.info["parameters"] = (
+        "a cat\nSteps: 1, Sampler: Euler, Seed: 3, Size: 32x32, Model hash: 0123456789, Version: v1"
+    )
+    save_png(image, tmp_path / "a1111.png")
+    paths, stderr = generate(capsys, model, tmp_path / "out", "--from-png", tmp_path / "a1111.png")
+    assert "hash 0123456789" in stderr and "the image will differ" in stderr and "['Version'] are not applied" in stderr
+    assert read_png_parameters(paths[0])["seed"] == 3
+
+
+BAD = [
+    (["--size", "36x32"], r"argument --size: width=36 is not allowed; .*multiple of 8"),
+    (["--size", "512x"], r"argument --size: '512x' is not a size; expected WIDTHxHEIGHT"),
+    (["--steps", "0"], r"argument --steps: steps=0 is not allowed; .*from 1 to the 1000"),
+    (["--steps", "two"], r"argument --steps: invalid int value: 'two'"),
+    (["--sampler", "plms"], r"argument --sampler: invalid choice: 'plms' \(choose from '?ddpm'?, .*euler_a"),
+    (["-n", "0"], r"argument -n: num_images=0 is not allowed; expected an integer >= 1"),
+    (["--init-image", "notes"], r"argument --init-image: image='.*notes.txt' .*not a readable image file"),
+    (["--init-image", "image", "--mask", "small_mask"], r"argument --mask: mask=.*16x16 differs from .*32x32"),
+    (["--mask", "mask"], r"argument --mask: mask=.* needs an image"),
+    (["--init-image", "image", "--strength", "1.5"], r"argument --strength: strength=1.5 .*\(0, 1\]"),
+    (["--strength", "0.5"], r"argument --strength: 0.5 applies to --init-image, which is not given"),
+    (["--model", "notes"], r"argument --model: .*notes.txt holds neither pipeline.json .* nor model_index.json"),
+    (["--device", "gpu0"], r"argument --device: .*gpu0"),
+    (["--from-png", "notes"], r"argument --from-png: cannot identify image file"),
+    (["--from-png", "plain"], r"argument --from-png: .*plain.png has no 'parameters' text chunk"),
+    (["--from-png", "missing.png"], r"argument --from-png: .*No such file"),
+]
+
+
+@pytest.mark.parametrize("argv, match", BAD, ids=[f"{a[0]}-{i}" for i, (a, _) in enumerate(BAD)])
+def test_bad_input_is_one_line_naming_the_argument(capsys, model, files, tmp_path, argv, match):
+    argv = [files.get(a, a) for a in argv]
+    prompt = [] if "--from-png" in argv else ["a cat"]
+    status, stdout, stderr = run(capsys, "generate", "--model", model, "-o", tmp_path, "--steps", 2, *prompt, *argv)
+    assert status == 2 and stdout == ""
+    assert stderr.startswith("unnoise generate: error: ") and stderr.count("\n") == 1, stderr
+    assert re.search(match, stderr), stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_command_prompt_and_default_model(capsys, monkeypatch, tmp_path):
+    status, _, stderr = run(capsys)
+    assert status == 2 and stderr == "unnoise: error: the following arguments are required: COMMAND\n"
+    status, _, stderr = run(capsys, "generate", "--steps", 2)
+    assert (
+        status == 2 and stderr == "unnoise generate: error: argument prompt: required unless --from-png FILE is given\n"
+    )
+    monkeypatch.setattr(cli, "DEFAULT_MODEL", tmp_path / "default_model")
+    status, _, stderr = run(capsys, "generate", "a seven")
+    assert status == 2 and stderr.count("\n") == 1
+    assert "argument --model: the embedded default model" in stderr and "not built yet" in stderr
+    assert "pass --model DIR" in stderr
+
+
+def test_ctrl_c_exits_130_without_traceback(capsys, model, monkeypatch, tmp_path):
+    def interrupt(self, step, *_):
+        if step == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli.ProgressBar, "__call__", interrupt)
+    status, stdout, stderr = run(capsys, "generate", "a cat", "--model", model, "-o", tmp_path, "--steps", 3)
+    assert status == 130 and stdout == "" and stderr == "\nunnoise generate: cancelled\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_module_runs_as_a_script(model):
+    def unnoise(*argv):
+        return subprocess.run([sys.executable, "-m", "unnoise.cli", *argv], capture_output=True, text=True)
+
+    done = unnoise("generate", "--help")
+    assert done.returncode == 0 and "--from-png FILE" in done.stdout
+    done = unnoise("generate", "a cat", "--model", model, "--size", "32x20")  # loads the model: nothing else printed
+    expected = "unnoise generate: error: argument --size: height=20 is not allowed; expected a positive multiple of 8"
+    assert done.returncode == 2 and done.stderr.startswith(expected) and done.stderr.count("\n") == 1, done.stderr

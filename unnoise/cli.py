@@ -1,0 +1,267 @@
+"""The ``unnoise`` command: ``unnoise generate "prompt" ...`` writes PNGs through ``Pipeline``; ``unnoise --help``.
+
+A thin typed layer: flags become ``Pipeline.__call__`` keyword arguments, and the pipeline validates them. User
+errors (bad values, unreadable files, a missing model) print one line ``unnoise generate: error: argument FLAG:
+...`` and exit with status 2, as argparse does; Ctrl-C exits with status 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import re
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import torch
+from PIL import Image
+
+from unnoise.pipeline import Pipeline
+from unnoise.png import call_arguments, parse_parameters, read_png_parameters, save_png
+from unnoise.samplers import SAMPLERS
+from unnoise.schedules import SPACINGS
+
+# The embedded default model's package data (built by a later issue's training command).
+DEFAULT_MODEL = Path(__file__).resolve().parent / "assets" / "default_model"
+EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
+
+# Pipeline keyword -> the flag that sets it, so that the pipeline's "name=value is not allowed" names the flag.
+_FLAGS = {
+    "prompt": "prompt",
+    "negative_prompt": "--negative",
+    "num_images": "-n",
+    "steps": "--steps",
+    "sampler": "--sampler",
+    "spacing": "--spacing",
+    "guidance_scale": "--guidance",
+    "seed": "--seed",
+    "width": "--size",
+    "height": "--size",
+    "image": "--init-image",
+    "strength": "--strength",
+    "mask": "--mask",
+    "guidance_rescale": "--from-png",
+    "guidance_interval": "--from-png",
+}
+# The setting that the pipeline records when a call was given its initial noise instead of a seed.
+_GIVEN_NOISE = "Initial noise"
+
+
+class UsageError(Exception):
+    """A user error: printed as the one line ``unnoise <command>: error: <message>``, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (the usage is in ``--help``)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _size(text: str) -> tuple[int, int]:
+    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; expected WIDTHxHEIGHT, e.g. 512x512")
+    return int(match[1]), int(match[2])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="unnoise", description="Image diffusion from scratch: generate (train, eval, serve later).")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_generate(commands)
+    return parser
+
+
+def _add_generate(commands: Any) -> None:
+    p = commands.add_parser(
+        "generate",
+        help="text-to-image, image-to-image and inpainting; writes PNGs with their parameters",
+        description="Generate images into OUT as NNNNN-SEED.png, each carrying its generation parameters in a "
+        "PNG text chunk (as AUTOMATIC1111), plus grid-NNNNN.png when -n > 1. With --from-png FILE the settings "
+        "come from FILE's parameters and any flag given explicitly overrides them; without overrides the image "
+        "is reproduced bit-exactly on the same machine and model. The init image and mask are not recorded in "
+        "a PNG: pass them again. Unset flags take the model's defaults.",
+    )
+    p.add_argument("prompt", nargs="?", help="what to draw (optional with --from-png)")
+    p.add_argument("-n", "--num-images", type=int, metavar="N", help="images in one batch, seeds SEED..SEED+N-1")
+    p.add_argument("--steps", type=int, metavar="S", help="sampling steps (default: the model's)")
+    p.add_argument("--sampler", choices=list(SAMPLERS), metavar="NAME", help=f"one of {', '.join(SAMPLERS)}")
+    p.add_argument("--spacing", choices=SPACINGS, metavar="NAME", help=f"sigma grid, one of {', '.join(SPACINGS)}")
+    p.add_argument("--guidance", type=float, metavar="G", help="classifier-free guidance scale")
+    p.add_argument("--negative", metavar="TEXT", help="negative prompt")
+    p.add_argument("--seed", type=int, metavar="S", help="seed of the first image (default: random)")
+    p.add_argument("--size", type=_size, metavar="WxH", help="width x height in pixels (default: the model's)")
+    p.add_argument("--model", type=Path, metavar="DIR", help="a diffusers Stable Diffusion folder or an unnoise "
+                   "pipeline folder (default: the embedded default model)")  # fmt: skip
+    p.add_argument("--init-image", type=Path, metavar="F", help="image-to-image from this image")
+    p.add_argument("--strength", type=float, metavar="X", help="share of the steps to run from --init-image, (0, 1]")
+    p.add_argument("--mask", type=Path, metavar="F", help="inpaint where this image is white (needs --init-image)")
+    p.add_argument("--from-png", type=Path, metavar="FILE", help="regenerate FILE from its parameters")
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument(
+        "-o", "--output", type=Path, default=Path("outputs"), metavar="OUT", help="folder (default: %(default)s)"
+    )
+    p.set_defaults(run=generate, error=p.error)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the ``unnoise`` console script."""
+    args = build_parser().parse_args(argv)
+    # Our progress bar only: transformers (imported later, to load text encoders) reads this when it is imported.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        args.run(args)
+    except UsageError as error:
+        args.error(str(error))
+    except KeyboardInterrupt:
+        print(f"\nunnoise {args.command}: cancelled", file=sys.stderr)
+        raise SystemExit(EXIT_INTERRUPTED) from None
+
+
+# -- generate -------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _user_errors(argument: str | None = None) -> Iterator[None]:
+    """Turn ValueError/OSError into a ``UsageError`` naming ``argument`` (else the flag of the pipeline's field)."""
+    try:
+        yield
+    except (ValueError, OSError) as error:
+        message = str(error)
+        if argument is None:
+            name = re.match(r"(\w+)=", message)
+            argument = _FLAGS.get(name[1]) if name else None
+        raise UsageError(f"argument {argument}: {message}" if argument else message) from None
+
+
+class ProgressBar:
+    """A text progress bar on stderr, updated by the pipeline's step callback."""
+
+    def __init__(self, width: int = 30):
+        self.width, self.start = width, time.perf_counter()
+
+    def __call__(self, step: int, total: int, sigma: float, preview: torch.Tensor) -> None:
+        done = step + 1
+        filled = self.width * done // total
+        elapsed = time.perf_counter() - self.start
+        bar = "#" * filled + "." * (self.width - filled)
+        # sigma is padded: "\r" overwrites the previous line, which a shorter one would leave a tail of
+        sys.stderr.write(f"\rsampling [{bar}] {done}/{total} steps, {elapsed:.1f}s, sigma {sigma:<8.3g}")
+        if done == total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def generate(args: argparse.Namespace) -> None:
+    """``unnoise generate``: load the model, run the pipeline with a progress bar, write PNGs, print their paths."""
+    settings, keep, recorded = _settings(args)
+    pipe = _load(args.model, args.device)
+    if recorded.get("model_hash") not in (None, pipe.model_hash):
+        _warn(
+            f"{args.from_png} was made with model {recorded.get('model')!r} (hash {recorded['model_hash']}), not "
+            f"{pipe.name!r} (hash {pipe.model_hash}); the image will differ"
+        )
+    with _user_errors():
+        images = pipe(**settings, callback=ProgressBar())
+    if keep is not None:
+        images = images[keep : keep + 1]
+    with _user_errors("-o"):
+        paths = write_images(images, args.output)
+    for path in paths:
+        print(path)
+
+
+def _settings(args: argparse.Namespace) -> tuple[dict[str, Any], int | None, dict[str, Any]]:
+    """(pipeline keyword arguments, index of the batch image to keep when replaying a batch, the PNG's parameters)."""
+    size = args.size or (None, None)
+    given = dict(
+        prompt=args.prompt, negative_prompt=args.negative, num_images=args.num_images, steps=args.steps,
+        sampler=args.sampler, spacing=args.spacing, guidance_scale=args.guidance, seed=args.seed, width=size[0],
+        height=size[1], image=args.init_image, strength=args.strength, mask=args.mask,
+    )  # fmt: skip
+    given = {k: v for k, v in given.items() if v is not None}
+    settings: dict[str, Any] = {}
+    recorded: dict[str, Any] = {"extra": {}}
+    keep = None
+    if args.from_png is not None:
+        with _user_errors("--from-png"):
+            recorded = read_png_parameters(args.from_png)
+            if "num_images" in given or "seed" in given:  # a new batch from the image's settings
+                settings = call_arguments({**recorded, "batch_size": None, "batch_pos": None})[0]
+            else:  # regenerate the image's whole batch: bit-exact, as the batch size may change float rounding
+                settings, keep = call_arguments(recorded)
+        if _GIVEN_NOISE in recorded["extra"] and "seed" not in given:
+            raise UsageError(f"argument --from-png: {args.from_png} was made from given initial noise, not a seed")
+        if recorded["extra"]:
+            _warn(f"{args.from_png}: settings {sorted(recorded['extra'])} are not applied")
+    elif args.prompt is None:
+        raise UsageError("argument prompt: required unless --from-png FILE is given")
+    settings |= given
+    if "strength" in settings and "image" not in settings:
+        if "strength" in given:
+            raise UsageError(f"argument --strength: {args.strength} applies to --init-image, which is not given")
+        raise UsageError(
+            f"argument --from-png: {args.from_png} was made from an init image (strength {settings['strength']}), "
+            "which a PNG does not hold; pass it with --init-image (and --mask if it was inpainted)"
+        )
+    return settings, keep, recorded
+
+
+def _load(model: Path | None, device: str | None) -> Pipeline:
+    if model is None:
+        if not DEFAULT_MODEL.is_dir():
+            raise UsageError(
+                f"argument --model: the embedded default model ({DEFAULT_MODEL}) is not built yet (a later issue); "
+                "pass --model DIR, a diffusers Stable Diffusion folder or an unnoise pipeline folder"
+            )
+        model = DEFAULT_MODEL
+    try:
+        target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as error:
+        raise UsageError(f"argument --device: {error}") from None
+    with _user_errors("--model"):
+        pipe = Pipeline.from_pretrained(model)
+    try:
+        return pipe.to(target)
+    except (RuntimeError, AssertionError) as error:  # torch asserts that it was built with CUDA
+        raise UsageError(f"argument --device: {str(target)!r} is not usable here: {error}") from None
+
+
+def _warn(message: str) -> None:
+    print(f"unnoise generate: warning: {message}", file=sys.stderr)
+
+
+def write_images(images: list[Image.Image], folder: Path) -> list[Path]:
+    """Write ``NNNNN-SEED.png`` (numbered on from the folder's highest) with parameters, and a grid if several."""
+    folder.mkdir(parents=True, exist_ok=True)
+    numbers = [int(m[1]) for p in folder.iterdir() if (m := re.match(r"(\d{5,})-", p.name))]
+    first = max(numbers, default=-1) + 1
+    paths = []
+    for i, image in enumerate(images):
+        seed = parse_parameters(image.info["parameters"])["seed"]
+        paths.append(folder / f"{first + i:05d}-{seed}.png")
+        save_png(image, paths[-1])
+    if len(images) > 1:
+        paths.append(folder / f"grid-{first:05d}.png")
+        make_grid(images).save(paths[-1])
+    return paths
+
+
+def make_grid(images: list[Image.Image]) -> Image.Image:
+    """The images in a near-square grid, row by row (all the size of the first)."""
+    cols = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h))
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+if __name__ == "__main__":
+    main()

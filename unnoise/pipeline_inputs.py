@@ -1,0 +1,172 @@
+"""A pipeline call's arguments: validation with errors that name the argument, and reading images and masks."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import secrets
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+
+from unnoise.samplers import SAMPLERS
+from unnoise.schedules import SPACINGS
+
+ImageInput = Image.Image | str | Path
+
+
+@dataclasses.dataclass
+class Request:
+    """A call's validated settings, with the defaults of the model's config filled in."""
+
+    prompt: str
+    negative_prompt: str | None
+    num_images: int
+    steps: int
+    sampler: str
+    guidance_scale: float
+    guidance_rescale: float
+    guidance_interval: tuple[float, float] | None
+    seed: int
+    width: int
+    height: int
+    spacing: str
+    strength: float
+    image: Tensor | None  # (1, 3, H, W) in [-1, 1]
+    mask: Tensor | None  # (1, 1, H, W), 1 = repaint, binarized at 0.5 as diffusers does
+    latents: Tensor | None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _fail(name: str, value: Any, allowed: str) -> ValueError:
+    shown = repr(value) if not isinstance(value, Tensor) else f"tensor of shape {tuple(value.shape)}"
+    return ValueError(f"{name}={shown} is not allowed; {allowed}")
+
+
+def resolve_request(pipe: Any, args: dict[str, Any]) -> Request:
+    """Check a call's keyword arguments against the pipeline ``pipe``, read its image and mask, fill defaults."""
+    if not isinstance(args["prompt"], str):
+        raise _fail("prompt", args["prompt"], "expected a str")
+    if args["negative_prompt"] is not None and not isinstance(args["negative_prompt"], str):
+        raise _fail("negative_prompt", args["negative_prompt"], "expected a str or None")
+    n = args["num_images"]
+    if not _is_int(n) or n < 1:
+        raise _fail("num_images", n, "expected an integer >= 1")
+    steps, sampler, spacing, scale = _sampling(pipe, args)
+    rescale = args["guidance_rescale"]
+    if not _is_number(rescale) or not 0 <= rescale <= 1:
+        raise _fail("guidance_rescale", rescale, "expected a number in [0, 1]")
+    seed = secrets.randbelow(2**32) if args["seed"] is None else args["seed"]
+    if not _is_int(seed) or not 0 <= seed < 2**63:
+        raise _fail("seed", seed, "expected an integer in [0, 2**63) or None for a random one")
+    strength = args["strength"]
+    if not _is_number(strength) or not 0 < strength <= 1:
+        raise _fail("strength", strength, "expected a number in (0, 1]")
+    image, mask, width, height = _images(pipe, args)
+    if image is not None and int(steps * strength) < 1:
+        raise _fail("strength", strength, f"with steps={steps} it runs int(steps * strength) = 0 steps; raise either")
+    f = pipe.vae_factor
+    latents = _latents(args["latents"], (n, pipe.vae.config.latent_channels, height // f, width // f))
+    return Request(
+        args["prompt"], args["negative_prompt"], n, steps, sampler, scale, float(rescale),
+        _interval(args["guidance_interval"]), seed, width, height, spacing, float(strength), image, mask, latents,
+    )  # fmt: skip
+
+
+def _sampling(pipe: Any, args: dict[str, Any]) -> tuple[int, str, str, float]:
+    """(steps, sampler, spacing, guidance scale), the model's defaults where the call gives None."""
+    defaults, num_train_timesteps = pipe.config.sampling, pipe.num_train_timesteps
+    steps = defaults.steps if args["steps"] is None else args["steps"]
+    if not _is_int(steps) or not 1 <= steps <= num_train_timesteps:
+        raise _fail("steps", steps, f"expected an integer from 1 to the {num_train_timesteps} training timesteps")
+    sampler = defaults.sampler if args["sampler"] is None else args["sampler"]
+    if sampler not in SAMPLERS:
+        raise _fail("sampler", sampler, f"allowed: {', '.join(SAMPLERS)}")
+    spacing = defaults.spacing if args["spacing"] is None else args["spacing"]
+    if spacing not in SPACINGS:
+        raise _fail("spacing", spacing, f"allowed: {', '.join(SPACINGS)}")
+    scale = defaults.guidance_scale if args["guidance_scale"] is None else args["guidance_scale"]
+    if not _is_number(scale):
+        raise _fail("guidance_scale", scale, "expected a finite number")
+    return steps, sampler, spacing, float(scale)
+
+
+def _interval(interval: Any) -> tuple[float, float] | None:
+    if interval is None:
+        return None
+    ok = isinstance(interval, tuple | list) and len(interval) == 2 and all(_is_number(v) for v in interval)
+    if not ok or not 0 <= interval[0] < interval[1]:
+        raise _fail(
+            "guidance_interval", interval, "expected (sigma_lo, sigma_hi) with 0 <= sigma_lo < sigma_hi, or None"
+        )
+    return float(interval[0]), float(interval[1])
+
+
+def _latents(latents: Any, shape: tuple[int, ...]) -> Tensor | None:
+    if latents is None:
+        return None
+    if not isinstance(latents, Tensor) or tuple(latents.shape) != shape or not latents.is_floating_point():
+        raise _fail("latents", latents, f"expected a float tensor of shape {shape} (num_images, C, height/f, width/f)")
+    if not torch.isfinite(latents).all():
+        raise _fail("latents", latents, "expected finite values")
+    return latents
+
+
+def _size(name: str, value: Any, factor: int) -> int:
+    if not _is_int(value) or value < factor or value % factor:
+        raise _fail(name, value, f"expected a positive multiple of {factor} (the latent factor of this model)")
+    return value
+
+
+def _images(pipe: Any, args: dict[str, Any]) -> tuple[Tensor | None, Tensor | None, int, int]:
+    """(image in [-1, 1], binarized mask, width, height); an image of another size is resized to width x height."""
+    factor = pipe.latent_factor
+    if args["image"] is None:
+        if args["mask"] is not None:
+            raise _fail("mask", args["mask"], "a mask needs an image to inpaint (pass image=...)")
+        width, height = pipe.default_size
+        width = _size("width", width if args["width"] is None else args["width"], factor)
+        height = _size("height", height if args["height"] is None else args["height"], factor)
+        return None, None, width, height
+    image = read_image("image", args["image"], "RGB")
+    mask = read_image("mask", args["mask"], "L") if args["mask"] is not None else None
+    if mask is not None and mask.size != image.size:
+        sizes = f"{mask.size[0]}x{mask.size[1]} differs from the image's {image.size[0]}x{image.size[1]}"
+        raise _fail("mask", args["mask"], f"its size {sizes}")
+    if (args["width"] is None and image.width % factor) or (args["height"] is None and image.height % factor):
+        size = f"{image.width}x{image.height}"
+        raise _fail("image", args["image"], f"its size {size} is not a multiple of {factor}; pass width and height")
+    width = _size("width", image.width if args["width"] is None else args["width"], factor)
+    height = _size("height", image.height if args["height"] is None else args["height"], factor)
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.Resampling.LANCZOS)
+        mask = mask.resize((width, height), Image.Resampling.NEAREST) if mask is not None else None
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)[None] / 127.5 - 1
+    mask_t = None
+    if mask is not None:
+        mask_t = (torch.from_numpy(np.asarray(mask, dtype=np.float32))[None, None] / 255 >= 0.5).float()
+    return pixels, mask_t, width, height
+
+
+def read_image(name: str, value: Any, mode: str) -> Image.Image:
+    """A PIL image in ``mode`` from a PIL image or a path; ValueError naming ``name`` if it cannot be read."""
+    if isinstance(value, Image.Image):
+        return value.convert(mode)
+    if not isinstance(value, str | Path):
+        raise _fail(name, value, "expected a PIL image or the path of an image file")
+    try:
+        with Image.open(Path(value)) as img:
+            return img.convert(mode)
+    except (OSError, UnidentifiedImageError) as error:
+        raise _fail(name, str(value), f"it is not a readable image file ({type(error).__name__})") from None

@@ -1,0 +1,173 @@
+"""Generation parameters in AUTOMATIC1111's text format, stored in a PNG ``parameters`` tEXt chunk.
+
+The text is the prompt, then a ``Negative prompt: ...`` line (left out when there is none), then one line of
+``Key: value`` pairs separated by ", " (``Steps: 20, Sampler: Euler a, CFG scale: 7.5, Seed: 123, Size: 512x512,
+Model hash: 0123456789``). Values holding ``,``, ``:`` or a newline are JSON-quoted, as AUTOMATIC1111 does.
+``parse_parameters`` reads this back into the keyword arguments of ``Pipeline.__call__``, so an image can be
+regenerated from its file.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, PngImagePlugin
+
+# Our sampler names -> AUTOMATIC1111's (docs/samplers.md); ddpm has none there and is written as "ddpm".
+A1111_SAMPLERS = {
+    "ddim": "DDIM",
+    "euler": "Euler",
+    "euler_a": "Euler a",
+    "heun": "Heun",
+    "dpmpp_2m": "DPM++ 2M",
+    "dpmpp_2m_sde": "DPM++ 2M SDE",
+    "unipc": "UniPC",
+}
+# Our grid spacings -> AUTOMATIC1111's "Schedule type" (the others have no counterpart there).
+A1111_SCHEDULES = {"karras": "Karras", "exponential": "Exponential"}
+
+# (key in the parsed dict, label in the text, parser); written in this order, after prompt and negative prompt.
+_FIELDS: list[tuple[str, str, Any]] = [
+    ("steps", "Steps", int),
+    ("sampler", "Sampler", lambda v: _SAMPLERS_BACK.get(v, v)),
+    ("schedule_type", "Schedule type", str),
+    ("guidance_scale", "CFG scale", float),
+    ("seed", "Seed", int),
+    ("size", "Size", str),
+    ("model_hash", "Model hash", str),
+    ("model", "Model", str),
+    ("strength", "Denoising strength", float),
+    ("guidance_rescale", "Guidance rescale", float),
+    ("guidance_interval", "Guidance interval", lambda v: tuple(json.loads(v))),
+    ("spacing", "Spacing", str),
+    ("batch_size", "Batch size", int),
+    ("batch_pos", "Batch pos", int),
+]
+# The parsed keys that are keyword arguments of Pipeline.__call__ (with the image's own seed).
+CALL_KEYS = ("prompt", "negative_prompt", "steps", "sampler", "guidance_scale", "seed", "width", "height", "spacing")
+CALL_KEYS += ("guidance_rescale", "guidance_interval", "strength")
+_SAMPLERS_BACK = {v: k for k, v in A1111_SAMPLERS.items()}
+_BY_LABEL = {label: (key, parse) for key, label, parse in _FIELDS}
+# AUTOMATIC1111's pattern for one "Key: value" pair of the last line (modules/infotext_utils.py).
+_PAIR = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+def _quote(value: object) -> str:
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
+
+
+def _unquote(text: str) -> str:
+    if len(text) >= 2 and text[0] == '"' and text[-1] == '"':
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            return text
+    return text
+
+
+def format_parameters(params: dict[str, Any]) -> str:
+    """AUTOMATIC1111-format text for ``params`` (keys as ``parse_parameters`` returns them; None values left out)."""
+    values = dict(params)
+    if values.get("width") is not None and values.get("height") is not None:
+        values["size"] = f"{values['width']}x{values['height']}"
+    if values.get("sampler") is not None:
+        values["sampler"] = A1111_SAMPLERS.get(values["sampler"], values["sampler"])
+    if values.get("spacing") in A1111_SCHEDULES:
+        values["schedule_type"] = A1111_SCHEDULES[values["spacing"]]
+    if values.get("guidance_interval") is not None:
+        values["guidance_interval"] = json.dumps([float(v) for v in values["guidance_interval"]])
+    pairs = [f"{label}: {_quote(values[key])}" for key, label, _ in _FIELDS if values.get(key) is not None]
+    pairs += [f"{label}: {_quote(value)}" for label, value in (values.get("extra") or {}).items()]
+    lines = [values.get("prompt") or ""]
+    if values.get("negative_prompt"):
+        lines.append(f"Negative prompt: {values['negative_prompt']}")
+    lines.append(", ".join(pairs))
+    return "\n".join(lines)
+
+
+def parse_parameters(text: str) -> dict[str, Any]:
+    """Read AUTOMATIC1111-format parameters: prompt, negative_prompt, steps, sampler (our name), guidance_scale, ...
+
+    Known labels become ``Pipeline.__call__`` keyword arguments (``width``/``height`` from ``Size``, ``spacing``
+    from ``Spacing`` or else ``Schedule type``); ``model_hash`` and ``model`` describe the weights, ``batch_size``
+    and ``batch_pos`` the batch the image was made in (``call_arguments`` turns all this into a call); labels we
+    do not know are kept, as text, in ``extra``.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"parameters must be a str, got {type(text).__name__}")
+    *lines, last = text.strip().split("\n")
+    if len(_PAIR.findall(last)) < 3:  # no settings line: everything is prompt (as AUTOMATIC1111 reads it)
+        lines, last = [*lines, last], ""
+    prompt, negative, in_negative = [], [], False
+    for line in lines:
+        line = line.strip()
+        if line.startswith("Negative prompt:"):
+            in_negative, line = True, line[len("Negative prompt:") :].strip()
+        (negative if in_negative else prompt).append(line)
+    result: dict[str, Any] = {
+        "prompt": "\n".join(prompt),
+        "negative_prompt": "\n".join(negative) if in_negative else None,
+    }
+    extra: dict[str, str] = {}
+    for label, raw in _PAIR.findall(last):
+        label, value = label.strip(), _unquote(raw.strip())
+        if label not in _BY_LABEL:
+            extra[label] = value
+            continue
+        key, parse = _BY_LABEL[label]
+        try:
+            result[key] = parse(value)
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"parameters field {label!r} has value {value!r}, which does not parse: {error}") from None
+    _settle_size_and_spacing(result)
+    result["extra"] = extra
+    return result
+
+
+def _settle_size_and_spacing(result: dict[str, Any]) -> None:
+    size = result.pop("size", None)
+    if size is not None:
+        match = re.fullmatch(r"(\d+)x(\d+)", size)
+        if match is None:
+            raise ValueError(f"parameters field 'Size' has value {size!r}; expected WIDTHxHEIGHT")
+        result["width"], result["height"] = int(match[1]), int(match[2])
+    schedule = result.pop("schedule_type", None)
+    if "spacing" not in result and schedule is not None:
+        result["spacing"] = {v: k for k, v in A1111_SCHEDULES.items()}.get(schedule)
+
+
+def call_arguments(params: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """``Pipeline.__call__`` arguments that regenerate the batch an image came from, and its index in that batch.
+
+    Image i of a batch equals the image generated alone with seed ``seed + i`` up to float rounding (the batch
+    size changes which kernels run: at most 1/255, in a few pixels); regenerating the whole batch is bit-exact.
+    """
+    kwargs = {key: params[key] for key in CALL_KEYS if params.get(key) is not None}
+    pos = params.get("batch_pos") or 0
+    if params.get("batch_size"):
+        kwargs["num_images"] = params["batch_size"]
+    if "seed" in kwargs:
+        kwargs["seed"] -= pos
+    return kwargs, pos
+
+
+def save_png(image: Image.Image, path: str | Path) -> None:
+    """Write ``image`` as a PNG whose ``parameters`` tEXt chunk holds ``image.info["parameters"]`` (if any)."""
+    info = PngImagePlugin.PngInfo()
+    parameters = image.info.get("parameters")
+    if parameters is not None:
+        info.add_text("parameters", parameters)
+    image.save(Path(path), format="PNG", pnginfo=info)
+
+
+def read_png_parameters(path: str | Path) -> dict[str, Any]:
+    """``parse_parameters`` of the ``parameters`` chunk of the PNG at ``path``; ValueError if it has none."""
+    with Image.open(Path(path)) as image:
+        text = image.info.get("parameters")
+    if text is None:
+        raise ValueError(f"{path} has no 'parameters' text chunk; it was not written by unnoise or AUTOMATIC1111")
+    return parse_parameters(text)
