@@ -132,7 +132,25 @@ def report(results: dict, repeats: int) -> str:
                 f"| {r['max_abs_diff']:.1e} |"
             )
     lines += ["", "Goal: latency ratio <= 0.9 and memory ratio <= 1.0. Ratios below 1 favour us.", ""]
+    lines += _verdict(results)
     return "\n".join(lines)
+
+
+def _verdict(results: dict) -> list[str]:
+    """One line per goal, computed from the table above."""
+    default = results.get("default", {})
+    lines = []
+    for name, r in default.items():
+        lat, mem = r["ratio"], r["peak_ours"] / r["peak_diffusers"]
+        lines.append(
+            f"- {name}, default setting: latency {lat:.2f}x ({'met' if lat <= 0.9 else 'not met'}), "
+            f"memory {mem:.2f}x ({'met' if mem <= 1.0 else 'not met'})."
+        )
+    if "channels_last" in results:
+        for name in default:
+            speedup = default[name]["diffusers"] / results["channels_last"][name]["diffusers"]
+            lines.append(f"- {name}: channels-last inputs and weights change diffusers' own latency by {speedup:.2f}x.")
+    return lines + [""]
 
 
 def main(argv: list[str] | None = None) -> dict:
