@@ -9,8 +9,8 @@ import diffusers
 import numpy as np
 import pytest
 import transformers
+from helpers import SD_SCHEDULE, tiny_components
 from PIL import Image
-from test_pipeline import SD_SCHEDULE, tiny_components
 
 from unnoise import cli
 from unnoise.png import read_png_parameters, save_png

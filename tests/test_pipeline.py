@@ -2,16 +2,14 @@
 parameters, img2img and inpainting, cancellation, input errors, our folder format, scheduler-config translation."""
 
 import json
-import string
 import warnings
 
 import diffusers
 import numpy as np
 import pytest
 import torch
+from helpers import SD_SCHEDULE, SD_SCHEDULER, SIZE, randomize, tiny_components, tiny_tokenizer  # noqa: F401
 from PIL import Image
-from test_vae import randomize  # every parameter redrawn: no zero-init left to hide a bug
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from unnoise import Pipeline
 from unnoise.denoisers import VPDenoiser
@@ -28,50 +26,7 @@ from unnoise.pipeline_io import (
 )
 from unnoise.png import call_arguments, parse_parameters, read_png_parameters, save_png
 
-SIZE = 32  # pixels; VAE factor 4 and one U-Net downsampling make a latent factor of 8
 PROMPT, NEGATIVE = "a red cat", "blue dog"
-SD_SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
-SD_SCHEDULER = dict(SD_SCHEDULE, timestep_spacing="leading", steps_offset=1, clip_sample=False, set_alpha_to_one=False)
-
-
-def tiny_tokenizer(folder) -> CLIPTokenizer:
-    """A CLIP BPE tokenizer over single letters (no merges), written to ``folder``: no hub access."""
-    tokens = [
-        "<|startoftext|>",
-        "<|endoftext|>",
-        *string.ascii_lowercase,
-        *(c + "</w>" for c in string.ascii_lowercase),
-    ]
-    vocab = {token: i for i, token in enumerate(tokens)}
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16)
-
-
-def tiny_components(folder) -> dict:
-    """Random tiny Stable Diffusion components as diffusers and transformers modules."""
-    torch.manual_seed(0)
-    tokenizer = tiny_tokenizer(folder)
-    text = CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=32,
-    )  # fmt: skip
-    text_encoder = CLIPTextModel(text).eval()
-    unet = diffusers.UNet2DConditionModel(
-        sample_size=SIZE // 4, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=4,
-    ).eval()  # fmt: skip
-    vae = diffusers.AutoencoderKL(
-        block_out_channels=(16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3, layers_per_block=1, norm_num_groups=8, latent_channels=4,
-        sample_size=SIZE,
-    ).eval()  # fmt: skip
-    for i, module in enumerate((text_encoder, unet, vae)):
-        randomize(module, seed=i + 1)
-    return dict(text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, vae=vae)
-
-
 SCHEDULERS = {
     "ddim": lambda: diffusers.DDIMScheduler(**SD_SCHEDULER),
     "euler": lambda: diffusers.EulerDiscreteScheduler(**SD_SCHEDULE, timestep_spacing="leading", steps_offset=1),

@@ -8,6 +8,7 @@ import diffusers
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import randomize
 from safetensors.torch import load_file, save_file
 
 from unnoise.models import load_diffusers, load_model, save_model
@@ -17,26 +18,6 @@ from unnoise.models.vae import AutoencoderKL, AutoencoderKLConfig, _tile_starts,
 PARITY_ATOL = 1e-4  # fp32 acceptance bound against diffusers
 SMALL = dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, latent_channels=4, sample_size=32)
 BLOCKS = dict(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
-
-
-def randomize(module: torch.nn.Module, seed: int, *, smooth: bool = False) -> None:
-    """Redraw every parameter (no zero-init left to hide a bug): weights ~ N(0, 1/fan_in), norms ~ 1 +- 0.1.
-
-    ``smooth``: every 3x3 kernel is a random channel mix times a normalized [1, 2, 1]^2 blur profile, gain 3.
-    """
-    g = torch.Generator().manual_seed(seed)
-    blur = torch.tensor([1.0, 2.0, 1.0])
-    blur = blur[:, None] * blur[None] / 16
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim == 4 and p.shape[-1] == 3 and smooth:
-                p.copy_(torch.randn(*p.shape[:2], 1, 1, generator=g) / p.shape[1] ** 0.5 * blur * 3)
-            elif p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
-            elif "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
 
 
 def randn(*shape: int, seed: int = 0) -> torch.Tensor:
