@@ -15,12 +15,13 @@ dropped text. ``transformers`` is imported only when an encoder is loaded.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.resources
 import importlib.util
 import json
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -138,8 +139,9 @@ class MiniLMEncoder(TextEncoder):
         """Load a sentence-transformers BERT folder; its ``max_seq_length`` (256 for MiniLM) bounds ``max_length``."""
         transformers = _import_transformers()
         folder = Path(folder)
-        model = transformers.AutoModel.from_pretrained(folder, local_files_only=True)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        with _quiet(transformers):
+            model = transformers.AutoModel.from_pretrained(folder, local_files_only=True)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
         limit = min(tokenizer.model_max_length, model.config.max_position_embeddings)
         sentence_config = folder / "sentence_bert_config.json"
         if sentence_config.is_file():
@@ -174,8 +176,9 @@ class CLIPTextEncoder(TextEncoder):
     ) -> CLIPTextEncoder:
         """Load diffusers' ``text_encoder/`` (``CLIPTextModel``) and ``tokenizer/`` folders; no network access."""
         transformers = _import_transformers()
-        model = transformers.CLIPTextModel.from_pretrained(Path(text_encoder_dir), local_files_only=True)
-        tokenizer = transformers.CLIPTokenizer.from_pretrained(Path(tokenizer_dir), local_files_only=True)
+        with _quiet(transformers):
+            model = transformers.CLIPTextModel.from_pretrained(Path(text_encoder_dir), local_files_only=True)
+            tokenizer = transformers.CLIPTokenizer.from_pretrained(Path(tokenizer_dir), local_files_only=True)
         return cls(model, tokenizer, clip_skip=clip_skip)
 
     def _forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -228,3 +231,16 @@ def _import_transformers() -> Any:
     except ImportError as error:
         raise ImportError("text encoders load through transformers: pip install 'transformers>=4.40'") from error
     return transformers
+
+
+@contextlib.contextmanager
+def _quiet(transformers: Any) -> Iterator[None]:
+    """No "Loading weights" progress bar on stderr while our loaders run; the caller's setting is restored."""
+    logging = transformers.utils.logging
+    enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            logging.enable_progress_bar()
