@@ -79,6 +79,7 @@ PREDICTIONS = ["epsilon", "v_prediction"]
         ("leading", 10, 0, True),
         ("leading", 7, 0, True),
         ("leading", 25, 1, False),  # Stable Diffusion's scheduler config
+        ("leading", 10, 0, False),  # ends at t=0 then takes a zero-length step to alphas_cumprod[0]
         ("trailing", 10, 0, True),
         ("trailing", 4, 0, False),
     ],
@@ -147,6 +148,17 @@ def test_euler_heun_match_diffusers(method, cls, prediction, spacing, steps):
     x = noise() * sched.init_noise_sigma
     expected = run_diffusers(sched, steps, x.clone())
     assert_close(ours(sched, method, sigmas, x, prediction, interpolation=interpolation), expected)
+
+
+@pytest.mark.parametrize("method, cls", [("euler", "EulerDiscreteScheduler"), ("heun", "HeunDiscreteScheduler")])
+@pytest.mark.parametrize("base", ["leading", "trailing"])
+def test_karras_bounded_by_the_spaced_grid_as_euler_and_heun(method, cls, base):
+    """diffusers' Euler and Heun take a karras grid's ends from their spaced grid, not the training range."""
+    sched = getattr(diffusers, cls)(**SD_BETAS, timestep_spacing=base, steps_offset=1, use_karras_sigmas=True)
+    sigmas = schedule_of(sched).sigmas_for(10, "karras", steps_offset=1, span=base)
+    x = noise() * (sched.set_timesteps(10) or sched.init_noise_sigma)
+    expected = run_diffusers(sched, 10, x.clone())
+    assert_close(ours(sched, method, sigmas, x, "epsilon"), expected)
 
 
 @pytest.mark.parametrize("spacing, steps", [("karras", 10), ("linspace", 10), ("trailing", 7)])

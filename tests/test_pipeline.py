@@ -344,6 +344,16 @@ def test_minilm_pipeline_round_trip(pipe, tmp_path):
 GRID_CASES = {
     "euler_linspace": ("EulerDiscreteScheduler", {}, "euler"),
     "euler_karras": ("EulerDiscreteScheduler", dict(use_karras_sigmas=True), "euler"),
+    "euler_karras_leading": (
+        "EulerDiscreteScheduler",
+        dict(use_karras_sigmas=True, timestep_spacing="leading", steps_offset=1),
+        "euler",
+    ),
+    "heun_karras_trailing": (
+        "HeunDiscreteScheduler",
+        dict(use_karras_sigmas=True, timestep_spacing="trailing"),
+        "heun",
+    ),
     "euler_a_trailing": ("EulerAncestralDiscreteScheduler", dict(timestep_spacing="trailing"), "euler_a"),
     "heun_leading": ("HeunDiscreteScheduler", dict(timestep_spacing="leading", steps_offset=1), "heun"),
     "dpm_leading": ("DPMSolverMultistepScheduler", dict(timestep_spacing="leading", steps_offset=1), "dpmpp_2m"),

@@ -50,6 +50,21 @@ def test_leading_spacing_with_offset_matches_stable_diffusion(sd):
     torch.testing.assert_close(sigmas[-2:], sd.sigmas[[1, 0]], rtol=1e-14, atol=0)
 
 
+def test_sigma_min_final_is_not_repeated(sd):
+    """leading with offset 0 already ends at timestep 0; diffusers' extra step there is zero-length."""
+    sigmas = sd.sigmas_for(10, "leading", final="sigma_min")
+    check_grid(sigmas)
+    assert len(sigmas) == 10 and sigmas[-1] == sd.sigmas[0]
+
+
+def test_karras_bounded_by_a_spaced_grid(sd):
+    spaced = sd.sigmas_for(20, "leading", steps_offset=1)
+    sigmas = sd.sigmas_for(20, "karras", steps_offset=1, span="leading")
+    assert sigmas[0].item() == pytest.approx(spaced[0].item()) and sigmas[-2].item() == pytest.approx(spaced[-2].item())
+    with pytest.raises(ValueError, match="span='karras'.*leading, trailing, linspace"):
+        sd.sigmas_for(20, "karras", span="karras")
+
+
 def test_timesteps_for_each_spacing(sd):
     assert sd.timesteps_for(4, "trailing").tolist() == [999, 749, 499, 249]
     assert sd.timesteps_for(4, "linspace").tolist() == [999, 666, 333, 0]
@@ -151,8 +166,6 @@ def test_schedule_errors_name_field_value_and_allowed(sd):
             sd.sigmas_for(steps, "karras")
     with pytest.raises(ValueError, match="steps=1001 exceeds"):
         sd.sigmas_for(1001, "trailing")
-    with pytest.raises(ValueError, match="final='sigma_min' repeats"):
-        sd.sigmas_for(10, "leading", final="sigma_min")
 
 
 def test_steps_offset_out_of_range(sd):

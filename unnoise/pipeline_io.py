@@ -88,6 +88,7 @@ class SamplingConfig(ModelConfig):
     steps_offset: int = 0
     final: str = "zero"
     extra_point: bool = False  # diffusers' multistep schedulers' leading/linspace placement
+    span: str | None = None  # karras/exponential bounded by this spacing's grid (diffusers' Euler, Heun, LMS)
     quantize: bool = False  # round the network's timestep on karras grids (diffusers' multistep schedulers)
 
     def __post_init__(self) -> None:
@@ -134,7 +135,10 @@ def sampling_grid(
     spacing = sampling.spacing if spacing is None else spacing
     vp = schedule.build(spacing)
     s = sampling
-    sigmas = vp.sigmas_for(steps, spacing, steps_offset=s.steps_offset, final=s.final, extra_point=s.extra_point)
+    span = s.span if spacing in ("karras", "exponential") else None
+    sigmas = vp.sigmas_for(
+        steps, spacing, steps_offset=s.steps_offset, final=s.final, extra_point=s.extra_point, span=span
+    )
     return vp, sigmas
 
 
@@ -276,9 +280,14 @@ def translate_scheduler(cfg: dict[str, Any]) -> tuple[ScheduleConfig, str, Sampl
         steps_offset=int(c["steps_offset"]),
         final=final,
         extra_point=multistep,  # used by leading and linspace grids only
+        span=c["timestep_spacing"] if name in _SPACED_RANGE and spacing in ("karras", "exponential") else None,
         quantize=multistep and c["beta_schedule"] != "squaredcos_cap_v2",
     )
     return schedule, c["prediction_type"], sampling
+
+
+# These bound karras/exponential grids by their spaced grid's ends, not the training range (diffusers 0.42).
+_SPACED_RANGE = ("EulerDiscreteScheduler", "HeunDiscreteScheduler", "LMSDiscreteScheduler")
 
 
 def _warn_ignored(name: str, c: dict[str, Any]) -> None:

@@ -168,13 +168,17 @@ class VPSchedule:
         extra_point: bool = False,
         rho: float = 7.0,
         sigma_data: float = 1.0,
+        span: str | None = None,
     ) -> Tensor:
         """A sampling grid: ``steps + 1`` decreasing float64 sigmas ending in 0 (or in the smallest training sigma).
 
         ``extra_point`` places ``steps + 1`` timesteps and drops the smallest, as diffusers' multistep schedulers
         (DPMSolverMultistep, UniPC) do for ``leading`` and ``linspace``; ``karras`` (Karras et al. 2022, eq. 5)
         and ``exponential`` span the whole training range; ``tau`` is uniform in ``log(sigma_data^2 + sigma^2)``
-        from the top of the range to the end (see ``tau_sigmas``).
+        from the top of the range to the end (see ``tau_sigmas``). ``span`` bounds ``karras`` and ``exponential``
+        by the first and last sigma of that spacing's grid instead, as diffusers' Euler, Heun and LMS do.
+        With ``final="sigma_min"`` on a grid that already ends there (timestep 0), nothing is appended: diffusers
+        takes a zero-length step at that point, which changes nothing.
         """
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps={steps!r} must be an integer >= 1")
@@ -189,17 +193,19 @@ class VPSchedule:
                     f"schedule's smallest {self.sigma_min:.4g}; use fewer steps or a larger sigma_data"
                 )
         elif spacing in ("karras", "exponential"):
-            sigmas = self._continuous_spacing(steps, spacing, rho)
+            lo, hi = self.sigma_min, self.sigma_max
+            if span is not None:
+                check_choice("span", span, ("leading", "trailing", "linspace"))
+                bounds = self.t_to_sigma(self.timesteps_for(steps, span, steps_offset=steps_offset))
+                lo, hi = float(bounds[-1]), float(bounds[0])
+            sigmas = _continuous_spacing(steps, spacing, lo, hi, rho)
         else:
             sigmas = self.t_to_sigma(
                 self.timesteps_for(steps, spacing, steps_offset=steps_offset, extra_point=extra_point)
             )
         last = torch.zeros(1, dtype=torch.float64) if final == "zero" else self.sigmas[:1]
-        if final == "sigma_min" and sigmas[-1] <= last[0]:
-            raise ValueError(
-                f"final='sigma_min' repeats the grid's last sigma {float(sigmas[-1]):.6g}; "
-                "use steps_offset=1 or final='zero'"
-            )
+        if final == "sigma_min" and sigmas[-1] <= last[0] * (1 + 1e-12):
+            return torch.cat([sigmas[:-1], last])  # the grid already ends at sigma_min
         return torch.cat([sigmas, last])
 
     def timesteps_for(self, steps: int, spacing: str, *, steps_offset: int = 0, extra_point: bool = False) -> Tensor:
@@ -226,12 +232,12 @@ class VPSchedule:
             raise ValueError(f"steps_offset={steps_offset} moves timesteps outside [0, {n_train - 1}]")
         return t
 
-    def _continuous_spacing(self, steps: int, spacing: str, rho: float) -> Tensor:
-        ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
-        lo, hi = self.sigma_min, self.sigma_max
-        if spacing == "karras":
-            return (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
-        return torch.exp(math.log(hi) + ramp * (math.log(lo) - math.log(hi)))
+
+def _continuous_spacing(steps: int, spacing: str, lo: float, hi: float, rho: float) -> Tensor:
+    ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
+    if spacing == "karras":
+        return (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
+    return torch.exp(math.log(hi) + ramp * (math.log(lo) - math.log(hi)))
 
 
 def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Tensor:
@@ -240,9 +246,9 @@ def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7
         raise ValueError(f"steps={steps!r} must be an integer >= 1")
     if not 0 < sigma_min < sigma_max:
         raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
-    ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
-    sigmas = (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
-    return torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)])
+    return torch.cat(
+        [_continuous_spacing(steps, "karras", sigma_min, sigma_max, rho), torch.zeros(1, dtype=torch.float64)]
+    )
 
 
 def tau_sigmas(steps: int, sigma_max: float, sigma_data: float = 1.0, *, sigma_end: float = 0.0) -> Tensor:
