@@ -104,7 +104,8 @@ def run_ours(unet, vae, latents, cond, uncond, steps, scale):
     schedule = VPSchedule.from_betas("scaled_linear", beta_start=0.00085, beta_end=0.012)
     denoiser = CFGDenoiser(VPDenoiser(unet, schedule), scale, {"encoder_hidden_states": uncond})
     sigmas = schedule.sigmas_for(steps, "linspace", extra_point=True)  # diffusers' DPM-Solver default grid
-    x = latents * denoiser.denoiser.prior_std(sigmas[0].item())
+    # sampler state in float32 whatever the network's dtype (the U-Net casts its input to its weights' dtype)
+    x = latents.float() * denoiser.denoiser.prior_std(sigmas[0].item())
     z = sample(denoiser, x, sigmas, "dpmpp_2m", encoder_hidden_states=cond)
     return vae.decode(vae.from_latent(z))
 
