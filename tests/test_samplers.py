@@ -167,6 +167,21 @@ def test_callback_sees_every_step_and_can_stop(method):
     assert out.abs().max() > 0.1  # returned the state at sigma_2, not a finished sample
 
 
+@pytest.mark.parametrize("method", list(SAMPLERS))
+def test_half_precision_input_keeps_a_float32_state(method):
+    """STYLE 9: the network may run in bf16/fp16, the sampler state does not."""
+    seen = []
+
+    def half_network(x, sigma):
+        seen.append(x.dtype)
+        return gaussian_denoiser(x.bfloat16(), sigma).to(x.dtype)
+
+    sigmas = karras_sigmas(4, 0.1, 5.0)
+    x = torch.ones(2, 3, dtype=torch.bfloat16) * 5
+    out = sample(half_network, x, sigmas, method, generator=torch.Generator().manual_seed(0))
+    assert out.dtype == torch.float32 and set(seen) == {torch.float32}
+
+
 def test_nfe_counts_heun_twice_but_the_last_step():
     calls = []
 

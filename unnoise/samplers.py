@@ -2,7 +2,8 @@
 
 Every sampler has the signature ``sample_<name>(denoiser, x, sigmas, *, generator=None, callback=None,
 eta=None, **cond)``. ``x`` is the starting state at ``sigmas[0]`` in sigma scaling (``x0 + sigma * noise``);
-the result is the state at ``sigmas[-1]``. Steps go over neighbouring pairs of ``sigmas``, never recomputed.
+the result is the state at ``sigmas[-1]``, in float32 when ``x`` is fp16 or bf16 (the network may run in those;
+the sampler state does not). Steps go over neighbouring pairs of ``sigmas``, never recomputed.
 
 ``callback(i, sigma, x, denoised)`` is called once per step with the state at ``sigma`` and its denoised
 estimate; if it returns ``True`` sampling stops and the current state is returned.
@@ -45,7 +46,8 @@ def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[f
     return math.sqrt(sigma_next**2 - sigma_up**2), sigma_up
 
 
-def _check(x: Tensor, sigmas: Tensor, generator: Generator) -> None:
+def _check(x: Tensor, sigmas: Tensor, generator: Generator) -> Tensor:
+    """Validate the inputs; return the state in float32 at least, whatever the network's dtype (fp16/bf16)."""
     check_grid(sigmas)
     if not isinstance(x, Tensor) or x.ndim < 1:
         raise ValueError("x must be a batched tensor (batch first)")
@@ -56,6 +58,7 @@ def _check(x: Tensor, sigmas: Tensor, generator: Generator) -> None:
             raise ValueError(
                 f"generator list has {len(generator)} entries for a batch of {x.shape[0]}; pass one per image"
             )
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def _eta(name: str, eta: float | None, default: float, fixed: bool = False) -> float:
@@ -91,25 +94,25 @@ def _ancestral(denoiser, x, sigmas, generator, callback, eta, cond) -> Tensor:
 
 def sample_ddpm(denoiser, x, sigmas, *, generator=None, callback=None, eta=None, **cond) -> Tensor:
     """DDPM ancestral sampling with the posterior variance ("fixed_small"), Ho et al. 2020, Alg. 2."""
-    _check(x, sigmas, generator)
+    x = _check(x, sigmas, generator)
     return _ancestral(denoiser, x, sigmas, generator, callback, _eta("ddpm", eta, 1.0, fixed=True), cond)
 
 
 def sample_ddim(denoiser, x, sigmas, *, generator=None, callback=None, eta=None, **cond) -> Tensor:
     """DDIM, Song et al. 2021, eq. 12; eta=0 is Euler on the probability-flow ODE, eta=1 is DDPM."""
-    _check(x, sigmas, generator)
+    x = _check(x, sigmas, generator)
     return _ancestral(denoiser, x, sigmas, generator, callback, _eta("ddim", eta, 0.0), cond)
 
 
 def sample_euler_a(denoiser, x, sigmas, *, generator=None, callback=None, eta=None, **cond) -> Tensor:
     """Euler ancestral, as k-diffusion's ``sample_euler_ancestral`` (eta 1 by default)."""
-    _check(x, sigmas, generator)
+    x = _check(x, sigmas, generator)
     return _ancestral(denoiser, x, sigmas, generator, callback, _eta("euler_a", eta, 1.0), cond)
 
 
 def sample_euler(denoiser, x, sigmas, *, generator=None, callback=None, eta=None, **cond) -> Tensor:
     """Euler's method on the probability-flow ODE, Karras et al. 2022, Alg. 2 without the second-order step."""
-    _check(x, sigmas, generator)
+    x = _check(x, sigmas, generator)
     _eta("euler", eta, 0.0, fixed=True)
     for i, (sigma, sigma_next) in enumerate(_pairs(sigmas)):
         denoised = denoiser(x, sigma, **cond)
@@ -121,7 +124,7 @@ def sample_euler(denoiser, x, sigmas, *, generator=None, callback=None, eta=None
 
 def sample_heun(denoiser, x, sigmas, *, generator=None, callback=None, eta=None, **cond) -> Tensor:
     """Heun's second-order method, Karras et al. 2022, Alg. 1; the last step to sigma 0 is Euler."""
-    _check(x, sigmas, generator)
+    x = _check(x, sigmas, generator)
     _eta("heun", eta, 0.0, fixed=True)
     for i, (sigma, sigma_next) in enumerate(_pairs(sigmas)):
         denoised = denoiser(x, sigma, **cond)
@@ -142,7 +145,7 @@ def sample_heun(denoiser, x, sigmas, *, generator=None, callback=None, eta=None,
 
 def sample_dpmpp_2m(denoiser, x, sigmas, *, generator=None, callback=None, eta=None, **cond) -> Tensor:
     """DPM-Solver++(2M), Lu et al. 2022, Alg. 2; first and last (to sigma 0) steps are first order."""
-    _check(x, sigmas, generator)
+    x = _check(x, sigmas, generator)
     _eta("dpmpp_2m", eta, 0.0, fixed=True)
     old_denoised, h_last = None, None
     for i, (sigma, sigma_next) in enumerate(_pairs(sigmas)):
@@ -161,7 +164,7 @@ def sample_dpmpp_2m(denoiser, x, sigmas, *, generator=None, callback=None, eta=N
 
 def sample_dpmpp_2m_sde(denoiser, x, sigmas, *, generator=None, callback=None, eta=None, **cond) -> Tensor:
     """DPM-Solver++(2M) SDE with the midpoint rule, Lu et al. 2022, App. B (diffusers' sde-dpmsolver++)."""
-    _check(x, sigmas, generator)
+    x = _check(x, sigmas, generator)
     eta = _eta("dpmpp_2m_sde", eta, 1.0)
     old_denoised, h_last = None, None
     for i, (sigma, sigma_next) in enumerate(_pairs(sigmas)):
@@ -192,7 +195,7 @@ def sample_unipc(denoiser, x, sigmas, *, generator=None, callback=None, eta=None
     Each step first corrects the current state with the new evaluation (UniC), then predicts the next state
     (UniP); the last step, to sigma 0, is first order. The evaluation at the uncorrected state is reused.
     """
-    _check(x, sigmas, generator)
+    x = _check(x, sigmas, generator)
     _eta("unipc", eta, 0.0, fixed=True)
     pairs = _pairs(sigmas)
     prev = None  # (x at the previous sigma, its denoised, previous sigma, the order of the step taken from it)
@@ -257,7 +260,7 @@ def _unipc_update(x, sigma, sigma_next, m0, history, m_next) -> Tensor:
 
 def sample_gauss_pc(denoiser, x, sigmas, *, generator=None, callback=None, eta=None, **cond) -> Tensor:
     """Third-order exponential predictor-corrector in Gaussian-prior time (see above); exact for Gaussian data."""
-    _check(x, sigmas, generator)
+    x = _check(x, sigmas, generator)
     _eta("gauss_pc", eta, 0.0, fixed=True)
     sd2 = data_std(denoiser) ** 2
     history: list[tuple[float, Tensor]] = []  # (s, G), newest first; s = -tau grows as sigma falls
