@@ -9,7 +9,7 @@ def test_every_template_names_the_digit():
         for t in range(len(TEMPLATES)):
             text = caption(label, t)
             assert str(label) in text or DIGIT_WORDS[label] in text.split(), text
-    assert caption(7, 0) == "a handwritten digit 7" and caption(7, 2) == "the number seven" and caption(7, 6) == "7"
+    assert caption(7, 0) == "a handwritten digit 7" and caption(7, 2) == "the number seven" and caption(7, 5) == "7"
 
 
 def test_random_captions_are_seeded_and_varied():
