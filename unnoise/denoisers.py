@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from unnoise.schedules import VPSchedule, append_dims, check_choice
+from unnoise.schedules import VPSchedule, append_dims, check_choice, check_steps
 
 PREDICTIONS = ("epsilon", "v_prediction", "sample")
 DEFAULT_SIGMA_DATA = 0.5  # EDM's value; about the std of images in [-1, 1]
@@ -33,6 +33,13 @@ def per_sample_sigma(x: Tensor, sigma: Tensor | float) -> Tensor:
             f"sigma has shape {tuple(sigma.shape)}; expected a scalar or ({x.shape[0]},) "
             f"for x of shape {tuple(x.shape)}"
         )
+    return sigma
+
+
+def check_sigma(sigma: Tensor) -> Tensor:
+    """Raise unless every sigma is finite and positive (sigma 0 is the data itself: nothing to denoise)."""
+    if not torch.isfinite(sigma).all() or (sigma <= 0).any():
+        raise ValueError(f"sigma must be finite and positive, got {sigma.tolist()}")
     return sigma
 
 
@@ -62,9 +69,7 @@ class Denoiser(nn.Module):
         return float(sigma)
 
     def forward(self, x: Tensor, sigma: Tensor | float, **cond: Any) -> Tensor:
-        sigma = per_sample_sigma(x, sigma)
-        if not torch.isfinite(sigma).all() or (sigma <= 0).any():
-            raise ValueError(f"sigma must be finite and positive, got {sigma.tolist()}")
+        sigma = check_sigma(per_sample_sigma(x, sigma))
         c_skip, c_out, c_in = (append_dims(c, x.ndim).to(x.dtype) for c in self.scalings(sigma))
         out = self.model(x * c_in, self.noise_input(sigma).to(_model_dtype(x)), **cond)
         if out.shape != x.shape:
@@ -156,8 +161,7 @@ def flow_sigmas(steps: int, *, shift: float = 1.0, t_max: float = 0.999) -> Tens
 
     t = 1 has sigma = inf, which no sampler in sigma space can start from, so the grid starts at ``t_max``.
     """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps={steps!r} must be an integer >= 1")
+    check_steps(steps)
     if not 0 < t_max < 1:
         raise ValueError(f"t_max={t_max!r} must lie in (0, 1)")
     t = torch.linspace(t_max, 0, steps + 1, dtype=torch.float64)

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from unnoise.denoisers import EDMDenoiser, FlowDenoiser, VPDenoiser, per_sample_sigma
+from unnoise.denoisers import EDMDenoiser, FlowDenoiser, VPDenoiser, check_sigma, per_sample_sigma
 from unnoise.schedules import VPSchedule, add_noise, check_choice, snr
 
 OBJECTIVES = ("epsilon", "v", "x0", "edm", "flow")
@@ -183,9 +183,7 @@ class DiffusionLoss:
             raise ValueError(f"x0 must have a non-empty batch dimension, got shape {tuple(x0.shape)}")
         if sigma is None:
             sigma = self.sigmas(x0.shape[0], generator=generator, device=x0.device).to(x0.device)
-        sigma = per_sample_sigma(x0, sigma)
-        if not torch.isfinite(sigma).all() or (sigma <= 0).any():
-            raise ValueError(f"sigma must be finite and positive, got {sigma.tolist()}")
+        sigma = check_sigma(per_sample_sigma(x0, sigma))
         if noise is None:
             where = _device(generator, x0.device)
             noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=where).to(x0.device)

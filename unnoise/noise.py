@@ -10,6 +10,12 @@ from torch import Tensor
 Generator = torch.Generator | Sequence[torch.Generator] | None
 
 
+def check_generators(generator: Generator, batch: int) -> None:
+    """Raise unless ``generator`` is None, one generator, or a list with one per image of the batch."""
+    if generator is not None and not isinstance(generator, torch.Generator) and len(generator) != batch:
+        raise ValueError(f"generator list has {len(generator)} entries for a batch of {batch}; pass one per image")
+
+
 def randn_like(like: Tensor, generator: Generator = None) -> Tensor:
     """Unit Gaussian noise shaped like ``like`` (batch first), in its dtype, drawn on the generator's device.
 
@@ -19,10 +25,7 @@ def randn_like(like: Tensor, generator: Generator = None) -> Tensor:
     if generator is None or isinstance(generator, torch.Generator):
         device = generator.device if generator is not None else like.device
         return torch.randn(like.shape, generator=generator, dtype=like.dtype, device=device).to(like.device)
-    if len(generator) != like.shape[0]:
-        raise ValueError(
-            f"generator list has {len(generator)} entries for a batch of {like.shape[0]}; pass one per image"
-        )
+    check_generators(generator, like.shape[0])
     return torch.stack(
         [torch.randn(like.shape[1:], generator=g, dtype=like.dtype, device=g.device) for g in generator]
     ).to(like.device)

@@ -22,7 +22,7 @@ from unnoise.models.config import ModelConfig
 from unnoise.models.io import load_diffusers, load_model, save_model
 from unnoise.models.text import CLIPTextEncoder, MiniLMEncoder, TextEncoder
 from unnoise.samplers import SAMPLERS
-from unnoise.schedules import BETA_KINDS, FINALS, INTERPOLATIONS, SPACINGS, VPSchedule, check_choice
+from unnoise.schedules import BETA_KINDS, FINALS, INTERPOLATIONS, SPACINGS, VPSchedule, check_choice, check_steps
 
 TEXT_ENCODERS = ("minilm", "clip")
 
@@ -95,8 +95,7 @@ class SamplingConfig(ModelConfig):
         check_choice("sampling.sampler", self.sampler, tuple(SAMPLERS))
         check_choice("sampling.spacing", self.spacing, SPACINGS)
         check_choice("sampling.final", self.final, FINALS)
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"sampling.steps={self.steps!r} must be an integer >= 1")
+        check_steps(self.steps, "sampling.steps")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from unnoise.denoisers import data_std
-from unnoise.noise import Generator, randn_like
+from unnoise.noise import Generator, check_generators, randn_like
 from unnoise.schedules import check_choice, check_grid
 
 Denoiser = Callable[..., Tensor]
@@ -53,11 +53,7 @@ def _check(x: Tensor, sigmas: Tensor, generator: Generator) -> Tensor:
         raise ValueError("x must be a batched tensor (batch first)")
     if not torch.isfinite(x).all():
         raise ValueError("x contains non-finite values")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        if len(generator) != x.shape[0]:
-            raise ValueError(
-                f"generator list has {len(generator)} entries for a batch of {x.shape[0]}; pass one per image"
-            )
+    check_generators(generator, x.shape[0])
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 

@@ -29,6 +29,12 @@ def check_choice(field: str, value: object, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"{field}={value!r} is not supported; allowed values: {', '.join(allowed)}")
 
 
+def check_steps(steps: object, name: str = "steps") -> None:
+    """Raise unless ``steps`` is an integer >= 1 (bools excluded), naming the field."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"{name}={steps!r} must be an integer >= 1")
+
+
 def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
     """Rescale betas so the last step has zero SNR, Lin et al. 2023, Alg. 1."""
     alphas_bar_sqrt = torch.cumprod(1.0 - betas, dim=0).sqrt()
@@ -180,8 +186,7 @@ class VPSchedule:
         With ``final="sigma_min"`` on a grid that already ends there (timestep 0), nothing is appended: diffusers
         takes a zero-length step at that point, which changes nothing.
         """
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps={steps!r} must be an integer >= 1")
+        check_steps(steps)
         check_choice("spacing", spacing, SPACINGS)
         check_choice("final", final, FINALS)
         if spacing == "tau":
@@ -242,8 +247,7 @@ def _continuous_spacing(steps: int, spacing: str, lo: float, hi: float, rho: flo
 
 def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Tensor:
     """Karras et al. 2022 eq. 5 grid from sigma_max to sigma_min, then 0: for EDM and flow models."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps={steps!r} must be an integer >= 1")
+    check_steps(steps)
     if not 0 < sigma_min < sigma_max:
         raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
     return torch.cat(
@@ -255,8 +259,7 @@ def tau_sigmas(steps: int, sigma_max: float, sigma_data: float = 1.0, *, sigma_e
     """Grid uniform in ``tau = log(sigma_data^2 + sigma^2) / 2`` from sigma_max to sigma_end: steps shrink
     geometrically at high noise (like ``exponential``) and evenly in ``sigma^2`` near the data; ``tau`` stays
     finite at sigma 0, the time variable of the ``gauss_pc`` sampler."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps={steps!r} must be an integer >= 1")
+    check_steps(steps)
     if not (sigma_data > 0 and 0 <= sigma_end < sigma_max):
         raise ValueError(
             f"need sigma_data > 0 and 0 <= sigma_end < sigma_max, got sigma_data={sigma_data}, "
