@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import os
 import re
 import sys
 import time
+import tomllib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from unnoise.pipeline import Pipeline
-from unnoise.png import call_arguments, parse_parameters, read_png_parameters, save_png
+from unnoise.png import call_arguments, make_grid, parse_parameters, read_png_parameters, save_png
 from unnoise.samplers import SAMPLERS
 from unnoise.schedules import SPACINGS
 
@@ -74,7 +74,37 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="unnoise", description="Image diffusion from scratch: generate (train, eval, serve later).")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_generate(commands)
+    _add_train(commands)
     return parser
+
+
+def _add_train(commands: Any) -> None:
+    p = commands.add_parser(
+        "train",
+        help="train a diffusion U-Net or an autoencoder from a TOML config",
+        description="Train as CONFIG says (see docs/training.md); checkpoints, log.csv, samples/ and the exported "
+        "model/ go to its out_dir. Run under `torchrun --nproc_per_node N` for data-parallel training.",
+    )
+    p.add_argument("config", type=Path, help="the TOML training config")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, VALUE in TOML syntax (e.g. --set train.steps=100 --set out_dir='\"runs/x\"')",
+    )
+    p.set_defaults(run=train_command, error=p.error)
+
+
+def _override(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise UsageError(f"argument --set: {text!r} is not KEY=VALUE")
+    try:
+        return key.strip(), tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        return key.strip(), value  # a bare word: a string
 
 
 def _add_generate(commands: Any) -> None:
@@ -121,6 +151,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     except KeyboardInterrupt:
         print(f"\nunnoise {args.command}: cancelled", file=sys.stderr)
         raise SystemExit(EXIT_INTERRUPTED) from None
+
+
+def train_command(args: argparse.Namespace) -> None:
+    from unnoise.train import load_config, train
+
+    overrides = dict(_override(item) for item in args.set)
+    with _user_errors("config"):
+        cfg = load_config(args.config, overrides)
+    with _user_errors("config"):
+        folder = train(cfg, resume=args.resume)
+    print(f"unnoise train: model written to {folder}")
 
 
 # -- generate -------------------------------------------------------------------------------------------------------
@@ -250,17 +291,6 @@ def write_images(images: list[Image.Image], folder: Path) -> list[Path]:
         paths.append(folder / f"grid-{first:05d}.png")
         make_grid(images).save(paths[-1])
     return paths
-
-
-def make_grid(images: list[Image.Image]) -> Image.Image:
-    """The images in a near-square grid, row by row (all the size of the first)."""
-    cols = math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / cols)
-    w, h = images[0].size
-    grid = Image.new("RGB", (cols * w, rows * h))
-    for i, image in enumerate(images):
-        grid.paste(image, ((i % cols) * w, (i // cols) * h))
-    return grid
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -26,7 +25,7 @@ from unnoise.models.text import TextEncoder
 from unnoise.noise import randn_like
 from unnoise.pipeline_inputs import ImageInput, Request, resolve_request
 from unnoise.pipeline_io import Components, PipelineConfig, load_components, sampling_grid, save_components
-from unnoise.png import format_parameters
+from unnoise.png import format_parameters, to_pil
 from unnoise.samplers import sample
 from unnoise.schedules import VPSchedule
 
@@ -304,8 +303,7 @@ class Pipeline:
     def decode(self, latents: Tensor) -> list[Image.Image]:
         """Model latents (B, C, h, w) to RGB images, rounded to 8 bits as diffusers does."""
         pixels = self.vae.decode(self.vae.from_latent(latents.to(self.device, self.vae.dtype))).float()
-        array = ((pixels / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        return [Image.fromarray(np.ascontiguousarray(a)) for a in array]
+        return to_pil(pixels)
 
     def _parameters(self, req: Request, i: int) -> str:
         params: dict[str, Any] = dict(

@@ -10,10 +10,13 @@ regenerated from its file.
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 from PIL import Image, PngImagePlugin
 
 # Our sampler names -> AUTOMATIC1111's (docs/samplers.md); ddpm has none there and is written as "ddpm".
@@ -171,3 +174,24 @@ def read_png_parameters(path: str | Path) -> dict[str, Any]:
     if text is None:
         raise ValueError(f"{path} has no 'parameters' text chunk; it was not written by unnoise or AUTOMATIC1111")
     return parse_parameters(text)
+
+
+def to_pil(pixels: torch.Tensor) -> list[Image.Image]:
+    """Images (B, 1 or 3, H, W) in [-1, 1] to 8-bit PIL images ("L" or "RGB"), rounded as diffusers does."""
+    if pixels.ndim != 4 or pixels.shape[1] not in (1, 3):
+        raise ValueError(f"pixels have shape {tuple(pixels.shape)}; expected (batch, 1 or 3, height, width)")
+    array = ((pixels.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    if array.shape[-1] == 1:
+        return [Image.fromarray(np.ascontiguousarray(a[..., 0])) for a in array]
+    return [Image.fromarray(np.ascontiguousarray(a)) for a in array]
+
+
+def make_grid(images: list[Image.Image]) -> Image.Image:
+    """The images in a near-square grid, row by row (all the size of the first)."""
+    cols = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    w, h = images[0].size
+    grid = Image.new(images[0].mode if images[0].mode == "L" else "RGB", (cols * w, rows * h))
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % cols) * w, (i // cols) * h))
+    return grid

