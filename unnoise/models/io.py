@@ -21,6 +21,7 @@ from torch import nn
 MODELS: dict[str, tuple[str, str, str, tuple[str, ...]]] = {
     "unet": ("unnoise.models.unet", "UNet", "UNetConfig", ("UNet2DModel", "UNet2DConditionModel")),
     "autoencoder_kl": ("unnoise.models.vae", "AutoencoderKL", "AutoencoderKLConfig", ("AutoencoderKL",)),
+    "digit_classifier": ("unnoise.models.classifier", "DigitClassifier", "DigitClassifierConfig", ()),
 }
 
 
