@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-slow lint format venv clean
+.PHONY: demo test test-slow lint format venv clean default-model
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -25,6 +25,13 @@ test: venv
 
 test-slow: venv
 	$(PY) -m pytest -q -m slow
+
+# Rebuild the embedded default model (unnoise/weights/mnist-ldm) from scratch: about 1.5 h on 2 CPU cores.
+default-model: venv
+	$(VENV)/bin/unnoise train-classifier --out unnoise/weights/mnist-ldm/classifier
+	$(VENV)/bin/unnoise train configs/mnist-vae.toml
+	$(VENV)/bin/unnoise train configs/mnist-ldm.toml
+	$(PY) scripts/build_default_model.py
 
 lint: venv
 	$(PY) -m ruff check .

@@ -175,7 +175,7 @@ def test_missing_command_prompt_and_default_model(capsys, monkeypatch, tmp_path)
     monkeypatch.setattr(cli, "DEFAULT_MODEL", tmp_path / "default_model")
     status, _, stderr = run(capsys, "generate", "a seven")
     assert status == 2 and stderr.count("\n") == 1
-    assert "argument --model: the embedded default model" in stderr and "not built yet" in stderr
+    assert "argument --model: the embedded default model is missing" in stderr
     assert "pass --model DIR" in stderr
 
 

@@ -22,12 +22,11 @@ import torch
 from PIL import Image
 
 from unnoise.pipeline import Pipeline
+from unnoise.pipeline_io import DEFAULT_MODEL
 from unnoise.png import call_arguments, make_grid, parse_parameters, read_png_parameters, save_png
 from unnoise.samplers import SAMPLERS
 from unnoise.schedules import SPACINGS
 
-# The embedded default model's package data (built by a later issue's training command).
-DEFAULT_MODEL = Path(__file__).resolve().parent / "assets" / "default_model"
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 
 # Pipeline keyword -> the flag that sets it, so that the pipeline's "name=value is not allowed" names the flag.
@@ -75,7 +74,30 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_generate(commands)
     _add_train(commands)
+    _add_train_classifier(commands)
     return parser
+
+
+def _add_train_classifier(commands: Any) -> None:
+    p = commands.add_parser(
+        "train-classifier",
+        help="train the project's MNIST classifier (adherence and FID-MNIST features)",
+        description="Train the MNIST digit classifier with the shipped settings (ClassifierTrainConfig) and save it "
+        "with metrics.json to OUT.",
+    )
+    p.add_argument("--out", type=Path, required=True, metavar="OUT", help="folder to write")
+    p.add_argument("--steps", type=int, metavar="N", help="optimizer steps (default: the shipped run's)")
+    p.add_argument("--seed", type=int, metavar="S", help="seed (default 0)")
+    p.set_defaults(run=train_classifier_command, error=p.error)
+
+
+def train_classifier_command(args: argparse.Namespace) -> None:
+    from unnoise.train.classifier import ClassifierTrainConfig, train_classifier
+
+    given = {k: v for k, v in (("steps", args.steps), ("seed", args.seed)) if v is not None}
+    with _user_errors("--steps" if "steps" in given else "--seed"):
+        config = ClassifierTrainConfig(**given)
+    train_classifier(config, args.out)
 
 
 def _add_train(commands: Any) -> None:
@@ -255,10 +277,11 @@ def _settings(args: argparse.Namespace) -> tuple[dict[str, Any], int | None, dic
 
 def _load(model: Path | None, device: str | None) -> Pipeline:
     if model is None:
-        if not DEFAULT_MODEL.is_dir():
+        if not (DEFAULT_MODEL / "pipeline.json").is_file():
             raise UsageError(
-                f"argument --model: the embedded default model ({DEFAULT_MODEL}) is not built yet (a later issue); "
-                "pass --model DIR, a diffusers Stable Diffusion folder or an unnoise pipeline folder"
+                f"argument --model: the embedded default model is missing from {DEFAULT_MODEL}; reinstall unnoise "
+                "(or `make default-model` in a source checkout), or pass --model DIR, a diffusers Stable Diffusion "
+                "folder or an unnoise pipeline folder"
             )
         model = DEFAULT_MODEL
     try:

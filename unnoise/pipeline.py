@@ -24,7 +24,14 @@ from unnoise.guidance import CFGDenoiser
 from unnoise.models.text import TextEncoder
 from unnoise.noise import randn_like
 from unnoise.pipeline_inputs import ImageInput, Request, resolve_request
-from unnoise.pipeline_io import Components, PipelineConfig, load_components, sampling_grid, save_components
+from unnoise.pipeline_io import (
+    Components,
+    PipelineConfig,
+    load_components,
+    resolve_model,
+    sampling_grid,
+    save_components,
+)
 from unnoise.png import format_parameters, to_pil
 from unnoise.samplers import sample
 from unnoise.schedules import VPSchedule
@@ -108,14 +115,15 @@ class Pipeline:
     def from_pretrained(
         cls, path: str | Path, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None
     ) -> Pipeline:
-        """Load our folder (``pipeline.json``) or a diffusers Stable Diffusion folder (``model_index.json``)."""
+        """Load our folder (``pipeline.json``), a diffusers Stable Diffusion folder (``model_index.json``), or
+        ``"default"``: the embedded MNIST text-to-image model."""
         parts = load_components(path)
         pipe = cls(
             parts.unet,
             parts.vae,
             parts.text_encoder,
             parts.config,
-            name=Path(path).name,
+            name=resolve_model(path).name,
             unet_weights=parts.unet_weights,
         )
         return pipe.to(device, dtype) if device is not None or dtype is not None else pipe

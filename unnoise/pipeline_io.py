@@ -25,6 +25,8 @@ from unnoise.samplers import SAMPLERS
 from unnoise.schedules import BETA_KINDS, FINALS, INTERPOLATIONS, SPACINGS, VPSchedule, check_choice, check_steps
 
 TEXT_ENCODERS = ("minilm", "clip")
+# The embedded default model, shipped as package data: MNIST text-to-image (configs/mnist-*.toml made it).
+DEFAULT_MODEL = Path(__file__).resolve().parent / "weights" / "mnist-ldm"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -327,9 +329,21 @@ class Components:
     unet_weights: Path | None
 
 
+def resolve_model(path: str | Path) -> Path:
+    """A model folder: ``"default"`` is the embedded default model (package data), anything else a path."""
+    if str(path) == "default":
+        if not (DEFAULT_MODEL / "pipeline.json").is_file():
+            raise FileNotFoundError(
+                f"the embedded default model is missing from {DEFAULT_MODEL}; reinstall unnoise, or rebuild it with "
+                "`make default-model` in a source checkout"
+            )
+        return DEFAULT_MODEL
+    return Path(path)
+
+
 def load_components(path: str | Path) -> Components:
-    """Load our folder (``pipeline.json``) or a diffusers Stable Diffusion folder (``model_index.json``)."""
-    folder = Path(path)
+    """Load our folder (``pipeline.json``), a diffusers Stable Diffusion folder (``model_index.json``) or "default"."""
+    folder = resolve_model(path)
     if (folder / "pipeline.json").is_file():
         return _load_ours(folder)
     if (folder / "model_index.json").is_file():

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from unnoise.losses import WEIGHTINGS
+from unnoise.models.layers import ATTENTION_MODES
 from unnoise.models.unet import UNetConfig
 from unnoise.models.vae import AutoencoderKLConfig
 from unnoise.pipeline_io import SamplingConfig, ScheduleConfig, TextEncoderConfig
@@ -173,6 +174,8 @@ class LoopConfig:
     autocast: str = "none"  # mixed precision of the forward pass: "none", "bf16" or "fp16" (fp16: CUDA only)
     device: str = "auto"  # "auto" (CUDA when available), "cpu" or "cuda"
     threads: int | None = None  # CPU threads per process; None: PyTorch's default
+    attention: str = "sdpa"  # U-Net attention: "sdpa" (fused) or "chunked" (plain matmuls: faster backward on CPU
+    # for short sequences, as in small latent U-Nets)
     log_every: int = 50  # steps between rows of log.csv (and progress lines when not on a terminal)
     checkpoint_every: int = 500  # steps between checkpoints (one is always written at the end)
     keep: int = 3  # checkpoints kept; older ones are deleted
@@ -186,6 +189,7 @@ class LoopConfig:
         _positive_int("train.sample_every", self.sample_every, 0)
         check_choice("train.autocast", self.autocast, AUTOCASTS)
         check_choice("train.device", self.device, DEVICES)
+        check_choice("train.attention", self.attention, ATTENTION_MODES)
         if self.threads is not None:
             _positive_int("train.threads", self.threads)
         if self.batch_size % self.accumulate:

@@ -35,6 +35,7 @@ from unnoise.train.tasks import TASKS, Task
 
 # Settings a resumed run may change; any other difference from the checkpoint's config is an error.
 RESUMABLE_CHANGES = {"steps", "log_every", "checkpoint_every", "keep", "sample_every", "threads", "tensorboard"}
+RESUMABLE_CHANGES |= {"attention"}
 
 
 def learning_rate(step: int, cfg: TrainConfig) -> float:

@@ -74,7 +74,7 @@ class DiffusionTask(Task):
     def __init__(self, cfg: TrainConfig, dataset: ImageDataset, world: World):
         self.cfg, self.dataset, self.world = cfg, dataset, world
         d = cfg.diffusion
-        self.unet = UNet(cfg.network_config())
+        self.unet = UNet(cfg.network_config()).set_attention_mode(cfg.train.attention, chunk_size=4096)
         self.modules = {"model": self.unet}
         self.vae: AutoencoderKL | None = None
         self.latents: LatentCache | None = None
@@ -263,7 +263,8 @@ class AutoencoderTask(Task):
     @torch.no_grad()
     def samples(self, model: nn.Module) -> Image.Image:
         """Originals (top row) and their reconstructions from the posterior mean (bottom row)."""
-        x = self.dataset.batch(np.arange(min(8, len(self.dataset))), np.random.default_rng(0)).images
+        spread = np.unique(np.linspace(0, len(self.dataset) - 1, 8).round().astype(np.int64))  # across the classes
+        x = self.dataset.batch(spread, np.random.default_rng(0)).images
         vae = model.vae
         recon = vae.decode(vae.encode(x.to(self.world.device)).mean)
         images = to_pil(torch.cat([x, recon.float().cpu()]))
