@@ -21,6 +21,7 @@ from typing import Any, NoReturn
 import torch
 from PIL import Image
 
+from unnoise.eval.cli import add_parser as add_eval_parser
 from unnoise.pipeline import Pipeline
 from unnoise.pipeline_io import DEFAULT_MODEL
 from unnoise.png import call_arguments, make_grid, parse_parameters, read_png_parameters, save_png
@@ -70,11 +71,12 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="unnoise", description="Image diffusion from scratch: generate (train, eval, serve later).")
+    parser = _Parser(prog="unnoise", description="Image diffusion from scratch: generate, train, evaluate.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_generate(commands)
     _add_train(commands)
     _add_train_classifier(commands)
+    add_eval_parser(commands)
     return parser
 
 
