@@ -27,6 +27,7 @@ from unnoise.pipeline_io import DEFAULT_MODEL
 from unnoise.png import call_arguments, make_grid, parse_parameters, read_png_parameters, save_png
 from unnoise.samplers import SAMPLERS
 from unnoise.schedules import SPACINGS
+from unnoise.serve.cli import add_parser as add_serve_parser
 
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 
@@ -71,12 +72,13 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="unnoise", description="Image diffusion from scratch: generate, train, evaluate.")
+    parser = _Parser(prog="unnoise", description="Image diffusion from scratch: generate, train, evaluate, serve.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_generate(commands)
     _add_train(commands)
     _add_train_classifier(commands)
     add_eval_parser(commands)
+    add_serve_parser(commands)
     return parser
 
 

@@ -1,0 +1,193 @@
+"""Serving pieces without HTTP: the VRAM planner against the PyTorch profiler, batching equals unbatched, the SQLite
+store across restarts, the metrics format, API keys, validation messages."""
+
+import dataclasses
+import time
+
+import numpy as np
+import pytest
+import torch
+from test_serve import build_tiny_pipeline, parse_prometheus
+
+from unnoise import Pipeline
+from unnoise.serve.app import KeyCheck
+from unnoise.serve.batch import generate_batch
+from unnoise.serve.config import ServeConfig
+from unnoise.serve.metrics import Counter, Histogram, ServerMetrics
+from unnoise.serve.store import JobStore
+from unnoise.serve.validation import FIELDS_NATIVE, ApiError, GenerationSpec, build_spec
+from unnoise.serve.vram import VramPlanner, measured_activations
+
+MIB = 2**20
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    return Pipeline.from_pretrained(build_tiny_pipeline(tmp_path_factory.getbasetemp() / "serve-tiny-model"))
+
+
+# -- VRAM planner ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("batch, size", [(1, 64), (2, 128), (1, 256)])
+def test_planner_bounds_the_profiled_peak_on_cpu(pipe, batch, size):
+    """The estimate of each phase is at least the profiler's peak and, above a few MiB, at most twice it."""
+    planner = VramPlanner(pipe, budget=2**40, max_batch=64)
+    estimate = planner.estimate(batch, size, size)
+    h = size // pipe.vae_factor
+    x = torch.randn(2 * batch, 4, h, h)
+    context = torch.randn(2 * batch, pipe.text_encoder.max_length, pipe.text_encoder.dim)
+    t = torch.full((2 * batch,), 500.0)
+    unet = measured_activations(lambda: pipe.unet(x, t, encoder_hidden_states=context), "cpu")
+    vae = measured_activations(lambda: pipe.vae.decode(torch.randn(batch, 4, h, h)), "cpu")
+    print(f"{batch}x{size}px: U-Net {estimate.unet / unet:.2f}x of {unet / MIB:.1f} MiB, "
+          f"VAE {estimate.vae / vae:.2f}x of {vae / MIB:.1f} MiB")  # fmt: skip
+    for estimated, measured in ((estimate.unet, unet), (estimate.vae, vae)):
+        assert estimated >= measured
+        assert measured < 4 * MIB or estimated <= 2 * measured
+
+
+def test_planner_picks_the_largest_batch_under_the_budget(pipe):
+    planner = VramPlanner(pipe, budget=2**40, max_batch=8)
+    assert planner.max_batch(32, 32) == 8  # the server's --max-batch bounds it
+    peak = [planner.estimate(b, 256, 256).peak for b in range(1, 5)]
+    assert peak == sorted(peak) and peak[0] > planner.weights
+    tight = VramPlanner(pipe, budget=(peak[1] + peak[2]) // 2, max_batch=8)
+    assert tight.max_batch(256, 256) == 2
+    assert VramPlanner(pipe, budget=planner.weights, max_batch=8).max_batch(256, 256) == 0
+    assert "GiB" in planner.estimate(1, 256, 256).describe()
+
+
+def test_413_names_the_largest_batch_that_fits(pipe):
+    budget = VramPlanner(pipe, budget=2**40, max_batch=8).estimate(2, 256, 256).peak
+    planner = VramPlanner(pipe, budget=budget, max_batch=8)
+    values = dict(prompt="x", n=3, width=256, height=256)
+    with pytest.raises(ApiError) as error:
+        build_spec(values, {**FIELDS_NATIVE, "n": "batch_size"}, ServeConfig(), pipe, planner)
+    assert error.value.status == 413 and "at most batch_size=2 fits" in error.value.message
+
+
+# -- batching ------------------------------------------------------------------------------------------------------
+
+
+def test_batch_of_requests_equals_each_alone(pipe):
+    a = GenerationSpec("a seven", None, 2, 32, 32, 5, "euler_a", "leading", 2.0, 10)
+    b = dataclasses.replace(a, prompt="a three", negative_prompt="blurry", n=1, seed=99)
+    for spec, images in zip((a, b), generate_batch(pipe, [a, b]), strict=True):
+        alone = pipe(**spec.call_arguments())
+        for got, want in zip(images, alone, strict=True):
+            assert got.info["parameters"] == want.info["parameters"]
+            assert np.abs(np.asarray(got, float) - np.asarray(want, float)).max() <= 1
+    with pytest.raises(ValueError, match="batch_key"):
+        generate_batch(pipe, [a, dataclasses.replace(b, steps=6)])
+
+
+def test_pipeline_check_relabels_the_field(pipe, monkeypatch):
+    """What only the pipeline rejects gets a 422 naming the API's field."""
+
+    def reject(pipe, args):
+        raise ValueError("num_images=1 is not allowed; some model-specific reason")
+
+    monkeypatch.setattr("unnoise.serve.validation.resolve_request", reject)
+    with pytest.raises(ApiError) as error:
+        build_spec(dict(prompt="x"), {**FIELDS_NATIVE, "n": "batch_size"}, ServeConfig(), pipe)
+    assert error.value.status == 422 and error.value.param == "batch_size"
+    assert error.value.message == "batch_size=1 is not allowed; some model-specific reason"
+
+
+# -- store ---------------------------------------------------------------------------------------------------------
+
+
+def test_store_keeps_finished_jobs_and_fails_lost_ones(tmp_path):
+    path = tmp_path / "jobs.sqlite3"
+    store = JobStore(path)
+    spec = GenerationSpec("x", None, 1, 32, 32, 4, "euler", "leading", 2.0, 1).to_dict()
+    for i, status in enumerate(("done", "running", "queued")):
+        store.insert(status, "jobs", spec, created=time.time() + i)
+    store.started("done", time.time(), 1)
+    store.finished("done", "succeeded", time.time(), 4, images=[(1, "x\nSteps: 4", b"\x89PNG")])
+    store.started("running", time.time(), 1)
+    store.close()  # the process dies with one job running and one queued
+
+    store = JobStore(path)
+    assert store.recovered == 2
+    assert store.get("done")["status"] == "succeeded" and store.image("done", 0) == b"\x89PNG"
+    for job_id in ("running", "queued"):
+        record = store.get(job_id)
+        assert record["status"] == "failed" and job_id in record["error"] and record["http_status"] == 500
+    page, total = store.page(limit=2, offset=0)
+    assert total == 3 and [r["id"] for r in page] == ["queued", "running"]
+    assert [r["id"] for r in store.page(limit=2, offset=2)[0]] == ["done"]
+    assert [r["id"] for r in store.page(10, 0, "succeeded")[0]] == ["done"]
+    assert store.get("missing") is None and store.image("done", 1) is None
+    store.close()
+
+
+# -- metrics, keys, config -------------------------------------------------------------------------------------------
+
+
+def test_metrics_render_prometheus_text():
+    metrics = ServerMetrics(queue_depth=lambda: 3, running=lambda: 1, ready=lambda: 1.0)
+    metrics.requests.inc(route="/v1/jobs", status="202")
+    metrics.requests.inc(route="/v1/jobs", status="202")
+    metrics.batch_size.observe(3)
+    metrics.step_seconds.observe(100.0)  # above every bucket
+    values = parse_prometheus(metrics.render())
+    assert values['unnoise_http_requests_total{route="/v1/jobs",status="202"}'] == 2
+    assert values["unnoise_queue_depth"] == 3
+    assert values['unnoise_batch_size_images_bucket{le="2"}'] == 0
+    assert values['unnoise_batch_size_images_bucket{le="4"}'] == 1
+    assert values['unnoise_step_seconds_bucket{le="+Inf"}'] == 1 and values["unnoise_step_seconds_sum"] == 100
+    with pytest.raises(ValueError, match="labels"):
+        Counter("c", "help", ("a",)).inc(b="x")
+    histogram = Histogram("h", "help", (1.0,))
+    histogram.observe(1.0)
+    assert 'h_bucket{le="1"} 1' in histogram.render()
+
+
+def test_key_check():
+    check = KeyCheck(["alpha", "a-much-longer-key"])
+    assert check.enabled and check("alpha") and check("a-much-longer-key")
+    assert not check("alph") and not check("") and not check(None)
+    assert not KeyCheck([]).enabled
+
+
+def test_config_rejects_bad_values(monkeypatch):
+    with pytest.raises(ValueError, match="max_batch=0"):
+        ServeConfig(max_batch=0)
+    with pytest.raises(ValueError, match="api_keys"):
+        ServeConfig(api_keys=("",))
+    monkeypatch.setenv("UNNOISE_API_KEYS", "k1, k2,")
+    assert ServeConfig(api_keys=("k0",)).with_env_keys().api_keys == ("k0", "k1", "k2")
+
+
+def test_a1111_sampler_names():
+    from unnoise.serve.schemas import A1111Txt2ImgRequest, a1111_values
+
+    def values(**body):
+        return a1111_values(A1111Txt2ImgRequest(**body))
+
+    assert values(sampler_name="Euler a")["sampler"] == "euler_a"
+    assert (values(sampler_name="DPM++ 2M Karras")["sampler"], values(sampler_name="DPM++ 2M Karras")["spacing"]) == (
+        "dpmpp_2m", "karras")  # fmt: skip
+    assert values(sampler_name="DPM++ 2M", scheduler="Exponential")["spacing"] == "exponential"
+    assert values(sampler_name="heun", scheduler="Automatic")["spacing"] is None
+    assert values(seed=-1)["seed"] is None and values(negative_prompt="")["negative_prompt"] is None
+    with pytest.raises(ApiError, match="sampler_name='LMS'"):
+        values(sampler_name="LMS")
+
+
+def test_serve_subcommand_flags(capsys):
+    import argparse
+
+    from unnoise.serve.cli import add_parser, config_from_args
+
+    parser = argparse.ArgumentParser(prog="unnoise")
+    add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["serve", "--max-batch", "4", "--api-key", "a", "--vram-budget", "2", "--timeout", "9"])
+    config = config_from_args(args)
+    assert (config.max_batch, config.api_keys, config.vram_budget_gb, config.timeout_s) == (4, ("a",), 2.0, 9.0)
+    with pytest.raises(SystemExit) as exit_info:
+        args = parser.parse_args(["serve", "--max-batch", "0"])
+        args.run(args)
+    assert exit_info.value.code == 2 and "argument --max-batch: max_batch=0" in capsys.readouterr().err

@@ -1,0 +1,5 @@
+"""``python -m unnoise.serve [flags]`` runs ``unnoise serve [flags]``."""
+
+from unnoise.serve.cli import main
+
+main()

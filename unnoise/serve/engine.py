@@ -1,0 +1,335 @@
+"""The engine: a bounded queue of jobs and one worker thread that batches them through the pipeline.
+
+The worker takes the oldest queued job and every other queued job with the same ``batch_key`` (size, steps,
+sampler, guidance) in arrival order, up to the batch that ``--max-batch`` and the VRAM planner allow, and runs
+them as one sampler run (``batch.generate_batch``); while fewer jobs are queued than the last run had, it first
+waits a few milliseconds (``batch_wait_s``) for that run's clients to come back. At each step it reports progress
+to each job's listeners and drops jobs that were cancelled or ran past their deadline; when no job of the run is
+left, the run stops. An exception fails the jobs of that run with 500 (a run of several jobs is first retried one
+job at a time, so one bad request cannot fail the others), and the worker goes on with the next batch.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from unnoise.pipeline import GenerationCancelled, Pipeline
+from unnoise.serve.batch import generate_batch
+from unnoise.serve.config import ServeConfig
+from unnoise.serve.jobs import ContentFilter, Job, Listener, png_bytes
+from unnoise.serve.metrics import ServerMetrics
+from unnoise.serve.store import JobStore
+from unnoise.serve.validation import ApiError, GenerationSpec
+from unnoise.serve.vram import GIB, VramPlanner
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class Engine:
+    """``submit`` / ``cancel`` / ``subscribe`` from the API (any thread); ``start`` loads the model and runs jobs."""
+
+    def __init__(self, config: ServeConfig, store: JobStore, filters: Sequence[ContentFilter] = ()):
+        self.config, self.store, self.filters = config, store, tuple(filters)
+        self.pipe: Pipeline | None = None
+        self.planner: VramPlanner | None = None
+        self.ready = False
+        self.load_error: str | None = None
+        self.draining = False
+        self.metrics = ServerMetrics(
+            queue_depth=lambda: len(self._queue), running=lambda: len(self._running), ready=lambda: float(self.ready)
+        )
+        self._queue: list[Job] = []
+        self._running: list[Job] = []
+        self._live: dict[str, Job] = {}
+        self._cond = threading.Condition()
+        self._stopping = self._abort = False
+        self._seconds_per_image = 1.0  # moving average, for Retry-After
+        self._expected = 0  # jobs likely queued soon: see _await_returning_clients
+        self._thread: threading.Thread | None = None
+
+    # -- life cycle ------------------------------------------------------------------------------------------------
+
+    def start(self, pipe: Pipeline | None = None) -> None:
+        """Load the model (or use ``pipe``), warm it up and serve jobs, in a background thread."""
+        self._thread = threading.Thread(target=self._main, args=(pipe,), name="unnoise-engine", daemon=True)
+        self._thread.start()
+
+    def _main(self, pipe: Pipeline | None) -> None:
+        if self.config.threads is not None:
+            torch.set_num_threads(self.config.threads)
+        try:
+            self.pipe = pipe if pipe is not None else self._load()
+            self.planner = VramPlanner(self.pipe, _budget(self.config, self.pipe.device), self.config.max_batch)
+            _ = self.pipe.model_hash  # hash the weights file once, here rather than in a request
+            if self.config.warmup:
+                self.pipe("warm-up", steps=2, seed=0)
+        except Exception as error:  # noqa: BLE001 - reported by /ready, the process stays up for it
+            traceback.print_exc()
+            self.load_error = f"{type(error).__name__}: {error}"
+            return
+        self.ready = True
+        self._loop()
+
+    def _load(self) -> Pipeline:
+        device = torch.device(self.config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = DTYPES[self.config.dtype or ("float16" if device.type == "cuda" else "float32")]
+        return Pipeline.from_pretrained(self.config.model, device=device, dtype=dtype)
+
+    def begin_drain(self) -> None:
+        """Refuse new jobs (503); the accepted ones still run."""
+        with self._cond:
+            self.draining = True
+
+    def idle(self) -> bool:
+        with self._cond:
+            return not self._queue and not self._running
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Fail the queued jobs (503), let the running batch finish within ``timeout`` s, then abort it."""
+        with self._cond:
+            self._stopping = self.draining = True
+            for job in list(self._queue):
+                self._finish(job, "failed", error="the server shut down before this job ran", code="shutdown",
+                             http_status=503)  # fmt: skip
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                self._abort = True
+                self._thread.join(timeout)
+
+    # -- API side --------------------------------------------------------------------------------------------------
+
+    def require_ready(self) -> None:
+        if self.draining:
+            raise ApiError(503, "the server is shutting down; retry on another instance", code="shutting_down",
+                           headers={"Retry-After": "5"})  # fmt: skip
+        if not self.ready:
+            why = f"the model failed to load: {self.load_error}" if self.load_error else "the model is loading"
+            raise ApiError(503, why, code="not_ready", headers={"Retry-After": "5"})
+
+    def submit(self, specs: Sequence[GenerationSpec], api: str) -> list[Job]:
+        """Queue one job per spec, all or none: 429 with Retry-After when the queue has no room for them."""
+        self.require_ready()
+        now = time.time()
+        with self._cond:
+            self.require_ready()
+            if len(self._queue) + len(specs) > self.config.max_queue:
+                raise ApiError(
+                    429, f"the queue is full ({len(self._queue)} of {self.config.max_queue} jobs waiting); retry later",
+                    code="queue_full", headers={"Retry-After": str(self.retry_after())},
+                )  # fmt: skip
+            jobs = [Job(uuid.uuid4().hex, api, spec, now, now + self.config.timeout_s) for spec in specs]
+            for job in jobs:
+                self.store.insert(job.id, api, job.spec.to_dict(), now)
+                self._queue.append(job)
+                self._live[job.id] = job
+            self._cond.notify_all()
+        return jobs
+
+    def retry_after(self) -> int:
+        """Seconds until the queue has likely moved on: queued images times the recent seconds per image."""
+        images = sum(job.spec.n for job in self._queue)
+        return max(1, math.ceil(images * self._seconds_per_image / max(1, self.config.max_batch)))
+
+    def live(self, job_id: str) -> Job | None:
+        with self._cond:
+            return self._live.get(job_id)
+
+    def cancel(self, job_id: str) -> Job | None:
+        """Cancel a live job: at once when queued, at its next sampler step when running; None if not live."""
+        with self._cond:
+            job = self._live.get(job_id)
+            if job is None or job.done:
+                return job
+            if job.cancel_step is None:
+                job.cancel_step = job.step
+            if job.status == "queued":
+                self._finish(job, "cancelled", error="cancelled by the client", code="cancelled")
+            return job
+
+    def subscribe(self, job: Job, listener: Listener) -> None:
+        """Call ``listener`` with the job's events; at once with "done" if it is already finished."""
+        with self._cond:
+            if not job.done:
+                job.listeners.append(listener)
+                return
+        listener("done", job.record())
+
+    def unsubscribe(self, job: Job, listener: Listener) -> None:
+        with self._cond:
+            if listener in job.listeners:
+                job.listeners.remove(listener)
+
+    # -- worker ----------------------------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._stopping:
+                    self._cond.wait(timeout=1.0)
+                if self._stopping:
+                    return
+                self._await_returning_clients()
+                self._expire_queued(time.time())
+                batch = self._take_batch()
+                self._running = batch
+            try:
+                if batch:
+                    self._execute(batch)
+            finally:
+                with self._cond:
+                    self._running = []
+                    self._expected = len(self._queue) + len(batch)  # those waiting and those about to return
+
+    def _await_returning_clients(self) -> None:
+        """Wait up to ``batch_wait_s`` while fewer jobs are queued than were queued or running at the end of the
+        last batch.
+
+        The clients of the last batch send their next requests a few milliseconds after their answers; starting
+        at once would run those already queued without them, and so on: batches that never grow.
+        """
+        deadline = time.monotonic() + self.config.batch_wait_s
+        expected = min(self._expected, self.config.max_batch)  # no need to wait for more than one batch takes
+        while len(self._queue) < expected and not self._stopping:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self._cond.wait(remaining)
+
+    def _expire_queued(self, now: float) -> None:
+        for job in [job for job in self._queue if now > job.deadline]:
+            self._finish(job, "failed", error=_timeout_message(self.config), code="timeout", http_status=504)
+
+    def _take_batch(self) -> list[Job]:
+        """The oldest job and the next jobs with its batch key, while their images fit the allowed batch."""
+        if not self._queue:
+            return []
+        key, spec = self._queue[0].spec.batch_key, self._queue[0].spec
+        room = max(self.planner.max_batch(spec.width, spec.height), spec.n)  # a job alone was checked at submit
+        batch = []
+        for job in self._queue:
+            if job.spec.batch_key == key and job.spec.n <= room:
+                batch.append(job)
+                room -= job.spec.n
+        for job in batch:
+            self._queue.remove(job)
+        return batch
+
+    def _execute(self, batch: list[Job]) -> None:
+        """Run ``batch``; if it raises, rerun its jobs one at a time so the failure stays with its job."""
+        try:
+            self._run(batch)
+        except Exception as error:  # noqa: BLE001 - a request must never take the worker down
+            traceback.print_exc(file=sys.stderr)
+            active = [job for job in batch if not job.done]
+            if len(active) > 1:
+                for job in active:
+                    self._execute([job])
+                return
+            with self._cond:
+                for job in active:
+                    message = f"generation failed: {type(error).__name__}: {error}"
+                    self._finish(job, "failed", error=message, code="generation_error", http_status=500)
+
+    def _run(self, batch: list[Job]) -> None:
+        started = time.time()
+        images = sum(job.spec.n for job in batch)
+        with self._cond:
+            for job in batch:
+                job.status, job.started, job.batch_size, job.step = "running", started, images, 0
+                self.store.started(job.id, started, images)
+                self.metrics.queue_seconds.observe(started - job.created)
+                job.emit("status", {"status": "running", "batch_size": images})
+        self.metrics.batch_size.observe(images)
+        try:
+            results = generate_batch(self.pipe, [job.spec for job in batch], self._on_step(batch))
+        except GenerationCancelled:
+            return  # every job of the run was finished by the step callback
+        elapsed = time.time() - started
+        self.metrics.generation_seconds.observe(elapsed)
+        self._seconds_per_image = 0.8 * self._seconds_per_image + 0.2 * elapsed / images
+        for job, result in zip(batch, results, strict=True):
+            self._deliver(job, result)
+
+    def _on_step(self, batch: list[Job]) -> Any:
+        last = [time.perf_counter()]
+
+        def on_step(i: int, total: int, sigma: float) -> bool:
+            now = time.perf_counter()
+            self.metrics.step_seconds.observe(now - last[0])
+            last[0] = now
+            wall = time.time()
+            with self._cond:
+                for job in batch:
+                    if job.done:
+                        continue
+                    if job.cancel_step is not None:
+                        self._finish(job, "cancelled", error="cancelled by the client", code="cancelled")
+                    elif wall > job.deadline:
+                        self._finish(job, "failed", error=_timeout_message(self.config), code="timeout",
+                                     http_status=504)  # fmt: skip
+                    elif self._abort:
+                        self._finish(job, "failed", error="the server shut down during this job", code="shutdown",
+                                     http_status=503)  # fmt: skip
+                    else:
+                        job.step = i + 1
+                        job.emit("progress", {"step": i + 1, "total": total, "sigma": sigma})
+                return all(job.done for job in batch)
+
+        return on_step
+
+    def _deliver(self, job: Job, images: list[Any]) -> None:
+        """Filter, encode and store the images of a job that is still running."""
+        if job.done:
+            return
+        for i, image in enumerate(images):
+            reason = next((r for f in self.filters if (r := f.check_image(image, job.spec.prompt))), None)
+            if reason is not None:
+                self.metrics.filter_blocks.inc(stage="image")
+                with self._cond:
+                    message = f"image {i} was withheld by the content filter: {reason}"
+                    self._finish(job, "failed", error=message, code="content_policy_violation", http_status=400)
+                return
+        encoded = [(job.spec.seed + i, image.info["parameters"], png_bytes(image)) for i, image in enumerate(images)]
+        with self._cond:
+            job.step = job.spec.steps
+            self._finish(job, "succeeded", images=encoded)
+        self.metrics.images.inc(len(encoded))
+
+    def _finish(self, job: Job, status: str, *, error: str | None = None, code: str | None = None,
+                http_status: int | None = None, images: list[tuple[int, str, bytes]] = ()) -> None:  # fmt: skip
+        """Final state of ``job`` (call with the lock held): stored, counted, announced, no longer live."""
+        if job in self._queue:
+            self._queue.remove(job)
+        job.status, job.finished, job.images = status, time.time(), list(images)
+        job.error, job.error_code, job.http_status = error, code, http_status
+        self.store.finished(job.id, status, job.finished, job.step, error=error, error_code=code,
+                            http_status=http_status, cancel_step=job.cancel_step, images=job.images)  # fmt: skip
+        self.metrics.jobs.inc(status=status)
+        self._live.pop(job.id, None)
+        job.emit("done", job.record())
+        job.listeners.clear()
+
+
+def _timeout_message(config: ServeConfig) -> str:
+    return f"the job did not finish within the server's timeout of {config.timeout_s:g} s"
+
+
+def _budget(config: ServeConfig, device: torch.device) -> int:
+    """Bytes the planner may use: ``--vram-budget``, else 90% of the GPU's memory, else half the RAM."""
+    if config.vram_budget_gb is not None:
+        return int(config.vram_budget_gb * GIB)
+    if device.type == "cuda":
+        return int(0.9 * torch.cuda.get_device_properties(device).total_memory)
+    return int(0.5 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))

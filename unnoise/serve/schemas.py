@@ -1,0 +1,123 @@
+"""Request bodies of the three APIs and their translation into ``build_spec`` keywords and field names.
+
+Bodies only check JSON types (pydantic); ranges, sizes and names are checked by ``validation.build_spec`` against
+the server's limits and the model. The OpenAI and AUTOMATIC1111 bodies ignore fields they do not know, as their
+clients send many (``model``, ``quality``, ``restore_faces`` ...); the jobs API, ours, refuses unknown fields so
+that a typo is an error rather than a default.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from unnoise.png import A1111_SAMPLERS, A1111_SCHEDULES
+from unnoise.samplers import SAMPLERS
+from unnoise.serve.validation import FIELDS_NATIVE, invalid
+
+
+class OpenAIImageRequest(BaseModel):
+    """``POST /v1/images/generations`` (OpenAI Images API) with the extensions negative_prompt ... seed."""
+
+    model_config = ConfigDict(extra="ignore")
+    prompt: str
+    n: int | None = 1
+    size: str | None = None  # "WIDTHxHEIGHT"; None or "auto": the model's size
+    response_format: Literal["url", "b64_json"] | None = "url"
+    output_format: Literal["png"] | None = None
+    model: str | None = None  # one model is served; any name is accepted
+    negative_prompt: str | None = None
+    steps: int | None = None
+    sampler: str | None = None
+    guidance_scale: float | None = None
+    seed: int | None = None
+
+
+OPENAI_FIELDS = {**FIELDS_NATIVE, "width": "size", "height": "size"}
+
+
+def openai_values(body: OpenAIImageRequest) -> dict[str, Any]:
+    width = height = None
+    if body.size is not None and body.size != "auto":
+        match = re.fullmatch(r"(\d+)x(\d+)", body.size)
+        if match is None:
+            raise invalid("size", body.size, "expected WIDTHxHEIGHT, e.g. 512x512, or auto")
+        width, height = int(match[1]), int(match[2])
+    return dict(
+        prompt=body.prompt, negative_prompt=body.negative_prompt, n=1 if body.n is None else body.n, width=width,
+        height=height, steps=body.steps, sampler=body.sampler, guidance_scale=body.guidance_scale, seed=body.seed,
+    )  # fmt: skip
+
+
+class A1111Txt2ImgRequest(BaseModel):
+    """``POST /sdapi/v1/txt2img`` (AUTOMATIC1111's API): the fields below; None means the model's default."""
+
+    model_config = ConfigDict(extra="ignore")
+    prompt: str = ""
+    negative_prompt: str | None = ""
+    steps: int | None = None
+    cfg_scale: float | None = None
+    sampler_name: str | None = None
+    sampler_index: str | None = None  # older clients' name for sampler_name
+    scheduler: str | None = None  # "Automatic", "Karras", "Exponential"
+    seed: int | None = -1  # -1: random
+    width: int | None = None
+    height: int | None = None
+    batch_size: int = 1
+    n_iter: int = 1
+    send_images: bool = True
+
+
+A1111_FIELDS = {**FIELDS_NATIVE, "n": "batch_size", "guidance_scale": "cfg_scale", "sampler": "sampler_name",
+                "spacing": "scheduler"}  # fmt: skip
+_A1111_BACK = {v.lower(): k for k, v in A1111_SAMPLERS.items()} | {k: k for k in SAMPLERS}
+_SCHEDULES_BACK = {v.lower(): k for k, v in A1111_SCHEDULES.items()}
+
+
+def a1111_values(body: A1111Txt2ImgRequest) -> dict[str, Any]:
+    sampler, spacing = _a1111_sampler(body.sampler_name or body.sampler_index)
+    if body.scheduler is not None and body.scheduler.lower() != "automatic":
+        if body.scheduler.lower() not in _SCHEDULES_BACK:
+            allowed = ", ".join(["Automatic", *A1111_SCHEDULES.values()])
+            raise invalid("scheduler", body.scheduler, f"allowed: {allowed}")
+        spacing = _SCHEDULES_BACK[body.scheduler.lower()]
+    return dict(
+        prompt=body.prompt, negative_prompt=body.negative_prompt or None, n=body.batch_size, width=body.width,
+        height=body.height, steps=body.steps, sampler=sampler, spacing=spacing, guidance_scale=body.cfg_scale,
+        seed=None if body.seed in (None, -1) else body.seed,
+    )  # fmt: skip
+
+
+def _a1111_sampler(name: str | None) -> tuple[str | None, str | None]:
+    """(our sampler, spacing or None) from an AUTOMATIC1111 name, old style ("DPM++ 2M Karras") included."""
+    if name is None:
+        return None, None
+    text = name.strip().lower()
+    for label, spacing in _SCHEDULES_BACK.items():
+        if text.endswith(" " + label) and text[: -len(label) - 1] in _A1111_BACK:
+            return _A1111_BACK[text[: -len(label) - 1]], spacing
+    if text in _A1111_BACK:
+        return _A1111_BACK[text], None
+    allowed = ", ".join([*A1111_SAMPLERS.values(), *(s for s in SAMPLERS if s not in A1111_SAMPLERS)])
+    raise invalid("sampler_name", name, f"allowed: {allowed} (optionally followed by Karras or Exponential)")
+
+
+class JobRequest(BaseModel):
+    """``POST /v1/jobs``: our names; unknown fields are refused."""
+
+    model_config = ConfigDict(extra="forbid")
+    prompt: str
+    negative_prompt: str | None = None
+    n: int = 1
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = None
+    sampler: str | None = None
+    guidance_scale: float | None = None
+    seed: int | None = None
+
+
+def job_values(body: JobRequest) -> dict[str, Any]:
+    return body.model_dump()
