@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-slow lint format venv clean default-model
+.PHONY: demo samplers-benchmark test test-slow lint format venv clean default-model
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -15,7 +15,11 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# The main job: a digit from the embedded default model, with no download (PNG with its parameters in outputs/).
 demo: venv
+	$(VENV)/bin/unnoise generate "a handwritten seven"
+
+samplers-benchmark: venv
 	$(PY) benchmarks/samplers.py
 
 test: venv
