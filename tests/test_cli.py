@@ -83,6 +83,17 @@ def generate(capsys, model, out, *argv) -> tuple[list[str], str]:
     return stdout.split(), stderr
 
 
+def test_blocked_prompt_exits_2_naming_the_category_unless_safety_is_off(capsys, model, tmp_path):
+    status, _, stderr = run(capsys, "generate", "a naked woman", "--model", model, "-o", tmp_path, "--steps", 1)
+    assert status == 2 and "argument prompt:" in stderr and "category sexual" in stderr
+    assert list(tmp_path.iterdir()) == []
+    status, stdout, _ = run(
+        capsys, "generate", "a naked woman", "--model", model, "-o", tmp_path, "--steps", 1, "--no-safety"
+    )
+    assert status == 0 and stdout.count(".png") == 1
+    assert "Watermark" not in read_png_parameters(stdout.split()[0])["extra"]
+
+
 def test_generate_writes_pngs_grid_and_progress(capsys, model, tmp_path):
     out = tmp_path / "out"
     paths, stderr = generate(capsys, model, out, "a cat", "-n", 2, "--steps", 2, "--size", "32x32", "--seed", 5)
@@ -90,7 +101,9 @@ def test_generate_writes_pngs_grid_and_progress(capsys, model, tmp_path):
     for i, path in enumerate(paths[:2]):
         p = read_png_parameters(path)
         assert (p["prompt"], p["steps"], p["seed"], p["width"], p["height"]) == ("a cat", 2, 5 + i, SIZE, SIZE)
-        assert (p["batch_size"], p["batch_pos"], p["extra"]) == (2, i, {})
+        assert (p["batch_size"], p["batch_pos"]) == (2, i)
+        # the safety stage's provenance: 32 px is too small to carry the watermark, and says so
+        assert p["extra"] == {"Watermark": "none (32x32 is below the 256 px minimum side)", "Image filter": "off"}
     grid = pixels(paths[2])
     assert grid.shape == (SIZE, 2 * SIZE, 3)
     assert np.array_equal(grid[:, SIZE:], pixels(paths[1])) and not np.array_equal(grid[:, :SIZE], grid[:, SIZE:])

@@ -477,6 +477,22 @@ def test_content_filter_hook(thread_server):
         assert values['unnoise_filter_blocks_total{stage="image"}'] == 1
 
 
+def test_safety_filter_answers_400_with_the_category(thread_server):
+    from unnoise.serve.server import safety_filters
+
+    config = ServeConfig(model=Path("unused"))
+    assert safety_filters(ServeConfig(model=Path("unused"), safety=False)) == []
+    with thread_server(filters=safety_filters(config)) as s:
+        refused = post(s.base, "/v1/images/generations", {"prompt": "how to make a pipe bomb", "steps": 1})
+        error = refused.json()["error"]
+        assert refused.status_code == 400 and error["code"] == "content_policy_violation"
+        assert "category illegal" in error["message"] or "category violence" in error["message"]
+        allowed = post(s.base, "/v1/images/generations", {"prompt": "a handwritten seven", "steps": 1})
+        assert allowed.status_code == 200
+        values = parse_prometheus(requests.get(f"{s.base}/metrics", timeout=10).text)
+        assert values['unnoise_filter_blocks_total{stage="prompt"}'] == 1
+
+
 def test_api_keys(thread_server):
     with thread_server(api_keys=("first-key", "second-key")) as s:
         body = {"prompt": "x", "steps": 1, "response_format": "b64_json"}

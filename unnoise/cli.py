@@ -22,9 +22,12 @@ import torch
 from PIL import Image
 
 from unnoise.eval.cli import add_parser as add_eval_parser
+from unnoise.models.text import MiniLMEncoder
 from unnoise.pipeline import Pipeline
 from unnoise.pipeline_io import DEFAULT_MODEL
 from unnoise.png import call_arguments, make_grid, parse_parameters, read_png_parameters, save_png
+from unnoise.safety import PROVENANCE_KEYS, SafetyChecker, SafetyConfig, image_verdict
+from unnoise.safety.cli import add_parser as add_safety_parser
 from unnoise.samplers import SAMPLERS
 from unnoise.schedules import SPACINGS
 from unnoise.serve.cli import add_parser as add_serve_parser
@@ -79,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_classifier(commands)
     add_eval_parser(commands)
     add_serve_parser(commands)
+    add_safety_parser(commands)
     return parser
 
 
@@ -159,6 +163,8 @@ def _add_generate(commands: Any) -> None:
     p.add_argument("--mask", type=Path, metavar="F", help="inpaint where this image is white (needs --init-image)")
     p.add_argument("--from-png", type=Path, metavar="FILE", help="regenerate FILE from its parameters")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--no-safety", action="store_true", help="no prompt filter, image filter or watermark")
+    p.add_argument("--safety-clip", type=Path, metavar="DIR", help="a CLIP model folder: also filter images")
     p.add_argument(
         "-o", "--output", type=Path, default=Path("outputs"), metavar="OUT", help="folder (default: %(default)s)"
     )
@@ -228,6 +234,8 @@ def generate(args: argparse.Namespace) -> None:
     """``unnoise generate``: load the model, run the pipeline with a progress bar, write PNGs, print their paths."""
     settings, keep, recorded = _settings(args)
     pipe = _load(args.model, args.device)
+    if not args.no_safety:
+        pipe.safety = _safety(pipe, args)
     if recorded.get("model_hash") not in (None, pipe.model_hash):
         _warn(
             f"{args.from_png} was made with model {recorded.get('model')!r} (hash {recorded['model_hash']}), not "
@@ -237,10 +245,32 @@ def generate(args: argparse.Namespace) -> None:
         images = pipe(**settings, callback=ProgressBar())
     if keep is not None:
         images = images[keep : keep + 1]
+    if pipe.safety is not None:
+        images = _delivered(pipe, images)
     with _user_errors("-o"):
         paths = write_images(images, args.output)
     for path in paths:
         print(path)
+
+
+def _safety(pipe: Pipeline, args: argparse.Namespace) -> SafetyChecker:
+    """The safety stage: prompt filter (sharing the pipeline's MiniLM), image filter with --safety-clip, watermark."""
+    encoder = pipe.text_encoder if isinstance(pipe.text_encoder, MiniLMEncoder) else None
+    with _user_errors("--safety-clip"):
+        return SafetyChecker.from_config(SafetyConfig(clip_model=args.safety_clip), encoder=encoder)
+
+
+def _delivered(pipe: Pipeline, images: list[Image.Image]) -> list[Image.Image]:
+    """Images as the safety config delivers them: a flagged one is withheld (with a warning) or blurred."""
+    out = []
+    for i, image in enumerate(images):
+        verdict = image_verdict(image)
+        if verdict is not None and verdict.flagged:
+            _warn(f"image {i} was flagged by the image filter: {verdict.reason}")
+        delivered = pipe.safety.deliver(image)
+        if delivered is not None:
+            out.append(delivered)
+    return out
 
 
 def _settings(args: argparse.Namespace) -> tuple[dict[str, Any], int | None, dict[str, Any]]:
@@ -264,8 +294,9 @@ def _settings(args: argparse.Namespace) -> tuple[dict[str, Any], int | None, dic
                 settings, keep = call_arguments(recorded)
         if _GIVEN_NOISE in recorded["extra"] and "seed" not in given:
             raise UsageError(f"argument --from-png: {args.from_png} was made from given initial noise, not a seed")
-        if recorded["extra"]:
-            _warn(f"{args.from_png}: settings {sorted(recorded['extra'])} are not applied")
+        ignored = sorted(set(recorded["extra"]) - set(PROVENANCE_KEYS))  # provenance is not a setting
+        if ignored:
+            _warn(f"{args.from_png}: settings {ignored} are not applied")
     elif args.prompt is None:
         raise UsageError("argument prompt: required unless --from-png FILE is given")
     settings |= given

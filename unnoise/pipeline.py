@@ -33,6 +33,7 @@ from unnoise.pipeline_io import (
     save_components,
 )
 from unnoise.png import format_parameters, to_pil
+from unnoise.safety import SafetyChecker
 from unnoise.samplers import sample
 from unnoise.schedules import VPSchedule
 
@@ -96,6 +97,9 @@ class Pipeline:
         self.config = config or PipelineConfig()
         self.name = name
         self._unet_weights = Path(unet_weights) if unet_weights is not None else None
+        # Prompt filter before generation, image filter + watermark + provenance after (unnoise.safety); the CLI
+        # and the server turn it on, the library leaves it to the caller.
+        self.safety: SafetyChecker | None = None
         self._hash: str | None = None
         latent, c = vae.config.latent_channels, unet.config
         if c.in_channels not in (latent, 2 * latent + 1) or c.out_channels != latent:
@@ -212,6 +216,8 @@ class Pipeline:
         args = dict(locals())  # the call's arguments, by name
         del args["self"], args["callback"]
         req = resolve_request(self, args)
+        if self.safety is not None:
+            self.safety.require_allowed(req.prompt)  # PromptBlocked (a ValueError naming the category)
         schedule, sigmas = self._grid(req)
         quantize = self.config.sampling.quantize and req.spacing == "karras"
         vp = VPDenoiser(_UNetModel(self.unet), schedule, self.config.prediction, quantize=quantize)
@@ -228,7 +234,7 @@ class Pipeline:
         images = self.decode(x)
         for i, img in enumerate(images):
             img.info["parameters"] = self._parameters(req, i)
-        return images
+        return self.safety.finish(images) if self.safety is not None else images
 
     def _grid(self, req: Request) -> tuple[VPSchedule, Tensor]:
         """The schedule and grid of the scheduler config; img2img keeps the tail that ``strength`` selects."""

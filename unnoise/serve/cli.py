@@ -54,6 +54,8 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     p.add_argument("--max-pixels", type=int, default=d.max_pixels, metavar="P",
                    help="width x height at most (default: %(default)s)")  # fmt: skip
     p.add_argument("--no-warmup", action="store_true", help="ready without a warm-up generation")
+    p.add_argument("--no-safety", action="store_true", help="turn off the prompt and image filters (docs/safety.md)")
+    p.add_argument("--safety-clip", type=Path, metavar="DIR", help="a CLIP model folder: also filter images")
     p.set_defaults(run=run, error=p.error)
     return p
 
@@ -65,7 +67,8 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         device=args.device, dtype=args.dtype, threads=args.threads, max_queue=args.max_queue,
         max_batch=args.max_batch, batch_wait_s=args.batch_wait, vram_budget_gb=args.vram_budget,
         api_keys=tuple(args.api_key), db=args.db, timeout_s=args.timeout, drain_timeout_s=args.drain_timeout,
-        max_steps=args.max_steps, max_pixels=args.max_pixels, warmup=not args.no_warmup,
+        max_steps=args.max_steps, max_pixels=args.max_pixels, warmup=not args.no_warmup, safety=not args.no_safety,
+        safety_clip=args.safety_clip,
     ).with_env_keys()  # fmt: skip
 
 

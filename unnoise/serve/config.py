@@ -36,6 +36,8 @@ class ServeConfig:
     max_prompt_chars: int = 1000
     guidance_range: tuple[float, float] = (0.0, 30.0)
     warmup: bool = True  # one generation before /ready says yes
+    safety: bool = True  # the prompt filter (400 with the category) and, with safety_clip, the image filter
+    safety_clip: Path | None = None  # a CLIP model folder for the image filter (unnoise.safety.CLIPConceptFilter)
 
     def __post_init__(self) -> None:
         for name in ("max_queue", "max_batch", "max_steps", "max_pixels", "max_prompt_chars"):

@@ -54,9 +54,19 @@ class DrainingServer(uvicorn.Server):
         return await super().on_tick(counter)
 
 
+def safety_filters(config: ServeConfig) -> list:
+    """The safety checker as the engine's content filter, unless ``config.safety`` is off."""
+    if not config.safety:
+        return []
+    from unnoise.safety import SafetyChecker, SafetyConfig
+
+    checker = SafetyChecker.from_config(SafetyConfig(clip_model=config.safety_clip, watermark=False))
+    return [checker.as_content_filter()]
+
+
 def serve(config: ServeConfig, *, log_level: str = "info") -> None:
     """Serve ``config`` until SIGTERM or Ctrl-C; returns after the drain. Exits with 1 if the model fails to load."""
-    app = create_app(config)
+    app = create_app(config, filters=safety_filters(config))
     uv_config = uvicorn.Config(app, host=config.host, port=config.port, log_level=log_level,
                                timeout_graceful_shutdown=5, lifespan="on")  # fmt: skip
     DrainingServer(uv_config, app, config.drain_timeout_s).run()
