@@ -11,6 +11,7 @@ job at a time, so one bad request cannot fail the others), and the worker goes o
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import sys
@@ -297,6 +298,7 @@ class Engine:
             reason = next((r for f in self.filters if (r := f.check_image(image, job.spec.prompt))), None)
             if reason is not None:
                 self.metrics.filter_blocks.inc(stage="image")
+                logging.getLogger("unnoise.serve").warning("image %d of job %s blocked: %s", i, job.id, reason)
                 with self._cond:
                     message = f"image {i} was withheld by the content filter: {reason}"
                     self._finish(job, "failed", error=message, code="content_policy_violation", http_status=400)

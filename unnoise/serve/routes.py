@@ -10,6 +10,7 @@ import asyncio
 import base64
 import dataclasses
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -35,6 +36,7 @@ from unnoise.serve.store import STATUSES
 from unnoise.serve.validation import FIELDS_NATIVE, SEED_LIMIT, ApiError, GenerationSpec, build_spec, invalid
 
 router = APIRouter()
+LOG = logging.getLogger("unnoise.serve")
 KEEP_ALIVE_S = 15.0
 
 
@@ -47,6 +49,7 @@ def _spec(request: Request, values: dict[str, Any], fields: dict[str, str]) -> G
         reason = content_filter.check_prompt(spec.prompt, spec.negative_prompt)
         if reason is not None:
             engine.metrics.filter_blocks.inc(stage="prompt")
+            LOG.warning("prompt blocked (%s): %r", reason, spec.prompt[:200])
             raise ApiError(400, f"the prompt was refused by the content filter: {reason}", param=fields["prompt"],
                            code="content_policy_violation")  # fmt: skip
     return spec
