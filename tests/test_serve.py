@@ -487,8 +487,11 @@ def test_safety_filter_answers_400_with_the_category(thread_server):
         error = refused.json()["error"]
         assert refused.status_code == 400 and error["code"] == "content_policy_violation"
         assert "category illegal" in error["message"] or "category violence" in error["message"]
-        allowed = post(s.base, "/v1/images/generations", {"prompt": "a handwritten seven", "steps": 1})
+        body = {"prompt": "a handwritten seven", "steps": 1, "response_format": "b64_json"}
+        allowed = post(s.base, "/v1/images/generations", body)
         assert allowed.status_code == 200
+        png = base64.b64decode(allowed.json()["data"][0]["b64_json"])
+        assert "Watermark" in png_parameters(png)["extra"]  # too small to mark at 32 px, and the PNG says so
         values = parse_prometheus(requests.get(f"{s.base}/metrics", timeout=10).text)
         assert values['unnoise_filter_blocks_total{stage="prompt"}'] == 1
 

@@ -154,6 +154,10 @@ class SafetyContentFilter:
         verdict = self.checker.check_prompt(prompt)  # the negative prompt is not judged: it names what to avoid
         return None if verdict.allowed else f"category {verdict.category}: {verdict.reason}"
 
+    def finish(self, images: Sequence[Image.Image]) -> list[Image.Image]:
+        """Image filter verdicts, watermark and provenance, as the pipeline's ``safety`` stage adds them."""
+        return self.checker.finish(images)
+
     def check_image(self, image: Image.Image, prompt: str | None = None) -> str | None:
         verdict = image_verdict(image) or self.checker.check_image(image)  # the pipeline's verdict, if it ran
         return verdict.reason if verdict.flagged else None

@@ -294,6 +294,10 @@ class Engine:
         """Filter, encode and store the images of a job that is still running."""
         if job.done:
             return
+        for f in self.filters:  # the safety checker's image filter, watermark and provenance (unnoise.safety)
+            finish = getattr(f, "finish", None)
+            if finish is not None:
+                images = finish(images)
         for i, image in enumerate(images):
             reason = next((r for f in self.filters if (r := f.check_image(image, job.spec.prompt))), None)
             if reason is not None:

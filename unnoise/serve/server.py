@@ -55,12 +55,13 @@ class DrainingServer(uvicorn.Server):
 
 
 def safety_filters(config: ServeConfig) -> list:
-    """The safety checker as the engine's content filter, unless ``config.safety`` is off."""
+    """The safety checker as the engine's content filter (prompt and image filter, watermark, provenance), unless
+    ``config.safety`` is off."""
     if not config.safety:
         return []
     from unnoise.safety import SafetyChecker, SafetyConfig
 
-    checker = SafetyChecker.from_config(SafetyConfig(clip_model=config.safety_clip, watermark=False))
+    checker = SafetyChecker.from_config(SafetyConfig(clip_model=config.safety_clip))
     return [checker.as_content_filter()]
 
 
