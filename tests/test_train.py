@@ -296,3 +296,85 @@ def test_torchrun_two_processes_equal_one_process(tmp_path):
     assert load_checkpoint(list_checkpoints(tmp_path / "ddp")[-1])[1]["world_size"] == 2
     for key in (k for k in a if k.startswith(("net.", "ema."))):
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+# -- the other tasks and data sets -------------------------------------------------------------------------------
+
+TINY_VAE = dict(
+    in_channels=1,
+    out_channels=1,
+    latent_channels=4,
+    block_out_channels=[8, 8, 8],
+    layers_per_block=1,
+    norm_num_groups=4,
+    sample_size=32,
+)
+
+
+def test_autoencoder_with_discriminator_then_latent_text_diffusion_exports_a_pipeline(tmp_path):
+    from unnoise.models.io import load_model
+    from unnoise.pipeline import Pipeline
+
+    vae_cfg = {
+        "task": "autoencoder",
+        "out_dir": str(tmp_path / "vae"),
+        "model": TINY_VAE,
+        "autoencoder": {"disc_weight": 0.1, "disc_start": 1, "disc_channels": 8, "disc_layers": 2, "scale_images": 64},
+        "train": {"steps": 3, "batch_size": 4, "threads": 1, "log_every": 1},
+    }
+    folder = train(config_from_dict(vae_cfg), log=lambda s: None)
+    vae = load_model(folder)
+    rows = (tmp_path / "vae" / "log.csv").read_text().splitlines()
+    assert rows[0].split(",")[3:6] == ["loss", "kl", "disc_loss"] and rows[1].split(",")[5] == ""  # disc from step 2
+    assert rows[3].split(",")[5] != ""
+    # the exported scaling factor is 1 / std of posterior samples of the first scale_images training images
+    from unnoise.data.mnist import MNIST
+    from unnoise.models.vae import DiagonalGaussian
+
+    x = MNIST("train", size=32).batch(np.arange(64), np.random.default_rng(0)).images
+    with torch.no_grad():
+        z = DiagonalGaussian(vae._moments(x)).sample(torch.Generator().manual_seed(0))
+    assert vae.config.scaling_factor == pytest.approx(float(1 / z.std()), rel=1e-5)
+
+    unet = dict(TINY_UNET, sample_size=8, in_channels=4, out_channels=4, num_class_embeds=None)
+    unet |= {
+        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+    }
+    unet |= {"mid_block_type": "UNetMidBlock2DCrossAttn", "cross_attention_dim": 384}
+    ldm_cfg = {
+        "out_dir": str(tmp_path / "ldm"),
+        "model": unet,
+        "diffusion": {
+            "conditioning": "text",
+            "autoencoder": str(tmp_path / "vae"),
+            "text_encoder": {"max_length": 16},
+            "sampling": {"sampler": "euler", "steps": 2, "guidance_scale": 2.0},
+        },
+        "train": {"steps": 2, "batch_size": 4, "threads": 1, "sample_steps": 2},
+    }
+    pipe = Pipeline.from_pretrained(train(config_from_dict(ldm_cfg), log=lambda s: None))
+    image = pipe("a handwritten digit 3", steps=2, seed=1)[0]
+    assert image.size == (32, 32) and image.mode == "L"
+    assert (tmp_path / "ldm" / "samples" / "step_00000002.png").exists()
+
+
+def test_folder_data_unconditional_pixel_diffusion(tmp_path):
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    unet = dict(TINY_UNET, in_channels=3, out_channels=3, num_class_embeds=None)
+    cfg = {
+        "out_dir": str(tmp_path / "run"),
+        "data": {"dataset": "folder", "path": str(images), "size": 32, "flip": True},
+        "model": unet,
+        "diffusion": {"conditioning": "none", "prediction": "v_prediction", "weighting": "min_snr"},
+        "train": {"steps": 2, "batch_size": 4, "threads": 1, "sample_steps": 2},
+    }
+    folder = train(config_from_dict(cfg), log=lambda s: None)
+    assert (folder / "unet" / "model.safetensors").exists()
+    assert Image.open(tmp_path / "run" / "samples" / "step_00000002.png").size == (96, 96)  # 8 images, 3 x 3
