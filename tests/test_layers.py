@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention as DiffusersAttention
 from diffusers.models.resnet import ResnetBlock2D as DiffusersResnet
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
@@ -88,3 +89,19 @@ def test_geglu_inference_path_equals_the_autograd_path():
     torch.testing.assert_close(fast, slow.detach())
     slow.sum().backward()
     assert x.grad is not None
+
+
+def test_attention_modes_agree_and_auto_dispatches_by_length(monkeypatch):
+    from unnoise.models import layers
+
+    torch.manual_seed(0)
+    for tokens in (16, 100):  # 16 x 16 pairs: plain products under "auto"; 100 x 100: SDPA
+        q, k, v = (torch.randn(2, 3, tokens, 8) for _ in range(3))
+        expected = F.scaled_dot_product_attention(q, k, v)
+        for mode, chunk in (("chunked", 1024), ("chunked", 7), ("auto", 1024)):
+            torch.testing.assert_close(layers.attention(q, k, v, mode, chunk), expected, atol=1e-5, rtol=0)
+    calls = []
+    monkeypatch.setattr(layers.F, "scaled_dot_product_attention", lambda *a: calls.append(a[0].shape[-2]) or a[0])
+    layers.attention(*(torch.randn(1, 1, 64, 4) for _ in range(3)), "auto")  # 64 x 64 pairs: the limit, plain
+    layers.attention(*(torch.randn(1, 1, 65, 4) for _ in range(3)), "auto")
+    assert calls == [65]

@@ -174,8 +174,8 @@ class LoopConfig:
     autocast: str = "none"  # mixed precision of the forward pass: "none", "bf16" or "fp16" (fp16: CUDA only)
     device: str = "auto"  # "auto" (CUDA when available), "cpu" or "cuda"
     threads: int | None = None  # CPU threads per process; None: PyTorch's default
-    attention: str = "sdpa"  # U-Net attention: "sdpa" (fused) or "chunked" (plain matmuls: a faster backward on CPU
-    # up to about 64 tokens, as in 8x8 latent U-Nets; 2x slower at 256 tokens, see docs/benchmarks/training.md)
+    attention: str = "auto"  # U-Net attention: "sdpa" (fused), "chunked" (plain matmuls: a faster backward on CPU
+    # up to about 64 tokens, 2x slower at 256; see docs/benchmarks/training.md) or "auto" (chunked up to 64 x 64)
     log_every: int = 50  # steps between rows of log.csv (and progress lines when not on a terminal)
     checkpoint_every: int = 500  # steps between checkpoints (one is always written at the end)
     keep: int = 3  # checkpoints kept; older ones are deleted
