@@ -1,6 +1,7 @@
 """Builders shared by several test modules: random parameters and a tiny Stable Diffusion model (no hub)."""
 
 import json
+import socket
 import string
 
 import diffusers
@@ -70,3 +71,10 @@ def tiny_components(folder) -> dict:
     for i, module in enumerate((text_encoder, unet, vae)):
         randomize(module, seed=i + 1)
     return dict(text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, vae=vae)
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface (for torchrun's rendezvous and test servers)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

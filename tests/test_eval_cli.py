@@ -3,13 +3,13 @@ tiny setting, user errors, and (slow) two torchrun processes against one."""
 
 import builtins
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import free_port
 from test_eval import write_digits
 from test_serve import build_tiny_pipeline
 
@@ -167,17 +167,11 @@ def test_quality_benchmark_runs_end_to_end_on_a_tiny_setting(model, real, tmp_pa
     assert json.loads((tmp_path / "docs" / "quality.json").read_text())["command"] == quality.COMMAND
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_torchrun_two_processes_equal_one_process(capsys, model, real, tmp_path):
     argv = [str(a) for a in base(model, real, tmp_path, "-n", 20, "--steps", 2)]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
-    command += ["--master_port", str(_free_port()), "-m", "unnoise.eval", *argv, "--out", str(tmp_path / "two")]
+    command += ["--master_port", str(free_port()), "-m", "unnoise.eval", *argv, "--out", str(tmp_path / "two")]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     code, _, err = run(capsys, *argv, "--out", tmp_path / "one")

@@ -1,7 +1,6 @@
 """Metrics on features against plain reference implementations: FID (scipy), KID, precision/recall, IS, CLIP score,
 and streaming statistics (batches, merge, save/load, all_reduce over two processes)."""
 
-import socket
 import subprocess
 import sys
 import warnings
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
-from helpers import tiny_tokenizer
+from helpers import free_port, tiny_tokenizer
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
 from unnoise.metrics import (
@@ -165,12 +164,6 @@ def test_statistics_refuse_mismatches():
         fid_from_statistics(FeatureStatistics.from_features(features(5, 4, seed=1), feature_space="a"), other)
     with pytest.raises(RuntimeError, match="init_process_group"):
         stats.all_reduce()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_all_reduce_over_two_processes_equals_single_process(tmp_path):

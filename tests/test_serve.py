@@ -8,7 +8,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -19,6 +18,7 @@ import numpy as np
 import pytest
 import requests
 import torch
+from helpers import free_port
 from PIL import Image
 
 from unnoise import Pipeline
@@ -66,12 +66,6 @@ def tiny_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_pipe(tiny_model) -> Pipeline:
     return Pipeline.from_pretrained(tiny_model)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_ready(base: str, timeout: float = 90.0, process: subprocess.Popen | None = None) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import free_port
 from safetensors.torch import load_file
 
 from unnoise.train import config_from_dict, load_config, train
@@ -277,17 +277,11 @@ def test_accumulation_equals_one_big_batch(tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_torchrun_two_processes_equal_one_process(tmp_path):
     single = write_toml(tmp_path / "single.toml", tiny_config(tmp_path / "single", steps=3))
     double = write_toml(tmp_path / "ddp.toml", tiny_config(tmp_path / "ddp", steps=3))
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
-    command += ["--master_port", str(_free_port()), "-m", "unnoise.cli", "train", str(double)]
+    command += ["--master_port", str(free_port()), "-m", "unnoise.cli", "train", str(double)]
     ddp = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     one = run_cli(str(single))

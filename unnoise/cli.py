@@ -14,7 +14,7 @@ import re
 import sys
 import time
 import tomllib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -31,6 +31,7 @@ from unnoise.safety.cli import add_parser as add_safety_parser
 from unnoise.samplers import SAMPLERS
 from unnoise.schedules import SPACINGS
 from unnoise.serve.cli import add_parser as add_serve_parser
+from unnoise.usage import UsageError, user_errors
 
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 
@@ -54,10 +55,6 @@ _FLAGS = {
 }
 # The setting that the pipeline records when a call was given its initial noise instead of a seed.
 _GIVEN_NOISE = "Initial noise"
-
-
-class UsageError(Exception):
-    """A user error: printed as the one line ``unnoise <command>: error: <message>``, exit status 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -199,17 +196,9 @@ def train_command(args: argparse.Namespace) -> None:
 # -- generate -------------------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _user_errors(argument: str | None = None) -> Iterator[None]:
-    """Turn ValueError/OSError into a ``UsageError`` naming ``argument`` (else the flag of the pipeline's field)."""
-    try:
-        yield
-    except (ValueError, OSError) as error:
-        message = str(error)
-        if argument is None:
-            name = re.match(r"(\w+)=", message)
-            argument = _FLAGS.get(name[1]) if name else None
-        raise UsageError(f"argument {argument}: {message}" if argument else message) from None
+def _user_errors(argument: str | None = None) -> contextlib.AbstractContextManager[None]:
+    """ValueError/OSError become a ``UsageError`` naming ``argument`` (else the flag of the pipeline's field)."""
+    return user_errors(argument, _FLAGS)
 
 
 class ProgressBar:

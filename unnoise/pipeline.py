@@ -20,6 +20,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
 from unnoise.denoisers import VPDenoiser
+from unnoise.files import file_sha256
 from unnoise.guidance import CFGDenoiser
 from unnoise.models.text import TextEncoder
 from unnoise.noise import randn_like
@@ -175,14 +176,11 @@ class Pipeline:
     def model_hash(self) -> str:
         """First 10 hex digits of the sha256 of the U-Net weights file (as AUTOMATIC1111 hashes checkpoints)."""
         if self._hash is None:
-            digest = hashlib.sha256()
             if self._unet_weights is not None:
-                with open(self._unet_weights, "rb") as f:
-                    for block in iter(lambda: f.read(1 << 24), b""):
-                        digest.update(block)
+                self._hash = file_sha256(self._unet_weights)[:10]
             else:  # not from a file: the bytes that save_pretrained would write
-                digest.update(safetensors_bytes({k: v.contiguous() for k, v in self.unet.state_dict().items()}))
-            self._hash = digest.hexdigest()[:10]
+                state = {k: v.contiguous() for k, v in self.unet.state_dict().items()}
+                self._hash = hashlib.sha256(safetensors_bytes(state)).hexdigest()[:10]
         return self._hash
 
     # -- generation -----------------------------------------------------------------------------------------------

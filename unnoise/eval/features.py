@@ -7,12 +7,12 @@ ones. ``load_extractor`` picks it or the Inception extractor (for RGB images, wi
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from unnoise.files import file_sha256
 from unnoise.metrics import InceptionFeatureExtractor, check_images, load_inception
 from unnoise.models.classifier import SHIPPED_WEIGHTS, DigitClassifier, load_classifier, prepare_digits
 
@@ -41,7 +41,7 @@ class MNISTFeatures:
                 f"no MNIST classifier in {path} (needs config.json and model.safetensors); train one with "
                 "`unnoise train-classifier --out DIR` and pass DIR"
             )
-        digest = hashlib.sha256(weights.read_bytes()).hexdigest()[:10]
+        digest = file_sha256(weights)[:10]
         return cls(load_classifier(path).to(device), weights_id=digest)
 
     @property

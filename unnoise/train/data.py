@@ -21,6 +21,7 @@ from torch import Tensor
 
 from unnoise.data.base import Batch, ImageDataset
 from unnoise.data.npm import cache_root
+from unnoise.files import file_sha256
 from unnoise.models.text import TextEncoder
 from unnoise.models.vae import AutoencoderKL
 from unnoise.train.config import DataConfig
@@ -122,7 +123,7 @@ class LatentCache:
         cls, vae: AutoencoderKL, vae_dir: Path, dataset: ImageDataset, key: dict[str, Any], *, batch: int = 256
     ) -> LatentCache:
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode())
-        digest.update(_file_hash(vae_dir / "model.safetensors").encode())
+        digest.update(file_sha256(vae_dir / "model.safetensors").encode())
         digest.update(str(len(dataset)).encode())
         path = cache_root(key.get("cache_dir")) / "latents" / f"{digest.hexdigest()[:20]}.safetensors"
         if path.exists():
@@ -147,11 +148,3 @@ class LatentCache:
         """Raw latents of ``indices``: ``mean + std * noise``."""
         idx = torch.from_numpy(indices)
         return self.mean[idx] + self.std[idx] * noise
-
-
-def _file_hash(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
