@@ -7,7 +7,16 @@ from diffusers.models.attention_processor import Attention as DiffusersAttention
 from diffusers.models.resnet import ResnetBlock2D as DiffusersResnet
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
-from unnoise.models.layers import GEGLU, ResnetBlock2D, SpatialAttention, Transformer2D, timestep_embedding
+from unnoise.models import layers
+from unnoise.models.layers import (
+    GEGLU,
+    GroupNorm32,
+    ResnetBlock2D,
+    SpatialAttention,
+    Transformer2D,
+    Upsample2D,
+    timestep_embedding,
+)
 
 
 def copy_and_compare(ours, theirs, *args):
@@ -105,3 +114,34 @@ def test_attention_modes_agree_and_auto_dispatches_by_length(monkeypatch):
     layers.attention(*(torch.randn(1, 1, 64, 4) for _ in range(3)), "auto")  # 64 x 64 pairs: the limit, plain
     layers.attention(*(torch.randn(1, 1, 65, 4) for _ in range(3)), "auto")
     assert calls == [65]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("scale, shift", [(1.0, 0.0), (50.0, 300.0), (0.01, 0.0)])
+def test_half_group_norm_has_float32_statistics_on_both_paths(monkeypatch, dtype, scale, shift):
+    """CPU/CUDA run the native half kernel (it accumulates in float32); other backends upcast explicitly. Both are
+    within one rounding of the output of a float64 reference, also where half-precision sums would overflow."""
+    torch.manual_seed(0)
+    norm = GroupNorm32(8, 32, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_(), norm.bias.normal_()
+    norm = norm.to(dtype)
+    x = (torch.randn(2, 32, 64, 64) * scale + shift).to(dtype)  # 16384 elements per group: sums of x^2 overflow fp16
+    reference = F.group_norm(x.double(), 8, norm.weight.double(), norm.bias.double(), 1e-6)
+    native = norm(x)
+    monkeypatch.setattr(layers, "NATIVE_HALF_DEVICES", ())
+    upcast = norm(x)
+    ulp = torch.finfo(dtype).eps
+    for out in (native, upcast):
+        assert out.dtype == dtype
+        assert ((out.double() - reference).abs() <= ulp * reference.abs().clamp(min=1)).all()
+    assert ((native.float() - upcast.float()).abs() <= ulp * upcast.float().abs().clamp(min=1)).all()
+
+
+def test_bf16_upsample_native_equals_upcast(monkeypatch):
+    torch.manual_seed(0)
+    up = Upsample2D(8).to(torch.bfloat16)
+    x = torch.randn(2, 8, 5, 7).to(torch.bfloat16)
+    native = up(x)
+    monkeypatch.setattr(layers, "NATIVE_HALF_DEVICES", ())
+    assert torch.equal(native, up(x))

@@ -20,11 +20,20 @@ ATTENTION_MODES = ("sdpa", "chunked", "auto")
 AUTO_CHUNKED_MAX_PAIRS = 64 * 64
 
 
+# Backends whose half-precision GroupNorm and nearest-upsampling kernels exist and accumulate in float32.
+NATIVE_HALF_DEVICES = ("cpu", "cuda")
+
+
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 whatever the weights' dtype: fp16/bf16 statistics over large maps overflow."""
+    """GroupNorm whose statistics are float32 whatever the weights' dtype: fp16/bf16 sums over large maps overflow.
+
+    PyTorch's CPU and CUDA kernels already accumulate fp16/bf16 in float32 (same results as upcasting, to one
+    rounding of the output), so there the native kernel runs without float32 copies of the map; other backends
+    get an explicit float32 pass.
+    """
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dtype in (torch.float16, torch.bfloat16):
+        if x.dtype in (torch.float16, torch.bfloat16) and x.device.type not in NATIVE_HALF_DEVICES:
             w = self.weight.float() if self.weight is not None else None
             b = self.bias.float() if self.bias is not None else None
             return F.group_norm(x.float(), self.num_groups, w, b, self.eps).to(x.dtype)
@@ -127,7 +136,7 @@ class Upsample2D(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         dtype = x.dtype
-        if dtype == torch.bfloat16:  # nearest upsampling has no bf16 kernel on some backends
+        if dtype == torch.bfloat16 and x.device.type not in NATIVE_HALF_DEVICES:  # no bf16 kernel on some backends
             x = x.float()
         x = F.interpolate(x, scale_factor=2.0, mode="nearest").to(dtype)
         return self.conv(x) if self.conv is not None else x

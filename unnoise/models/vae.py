@@ -3,8 +3,8 @@
 State-dict keys are those of diffusers' ``AutoencoderKL`` (``encoder.down_blocks.0.resnets.0.conv1.weight``, ...),
 so Stable Diffusion 1.x/2.x ``vae/`` folders load through ``unnoise.models.io.load_diffusers`` unchanged.
 Memory options: ``enable_slicing`` (one image at a time), ``enable_tiling`` (overlapping tiles blended with
-linear ramps), ``layers.set_attention_mode(vae, "chunked")``, ``vae.to(torch.bfloat16)`` (GroupNorm stays in
-float32) and ``vae.to(memory_format=torch.channels_last)``.
+linear ramps), ``layers.set_attention_mode(vae, "chunked")``, ``vae.to(torch.bfloat16)`` (GroupNorm statistics
+stay float32) and ``vae.to(memory_format=torch.channels_last)``.
 """
 
 from __future__ import annotations
