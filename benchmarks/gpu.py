@@ -6,7 +6,9 @@
 Both sides run the same loop on the same weights, noise and prompt embeddings (random 77x768 stand-ins: the text
 encoder is the same for both and outside what is compared): U-Net with classifier-free guidance in one batch of 2,
 the scheduler step, and the VAE decode. Reported per side: median latency, images/s, peak memory and model-FLOP
-utilization against the card's dense bf16/fp16 peak.
+utilization against the card's dense bf16/fp16 peak. It also checks the server's VRAM planner
+(`unnoise.serve.vram`) on this config: estimated activation memory of a generation against
+`torch.cuda.max_memory_allocated` above the weights, at batch 1 and 4.
 
 diffusers is needed only here. On a machine without network access, put its wheel (and the wheels of what it
 needs, such as huggingface_hub) beside this script: pure-Python wheels are imported straight from the zip files.
@@ -124,21 +126,71 @@ def run_diffusers(diffusers, unet, vae, latents, cond, uncond, steps, scale):
     return vae.decode(x / vae.config.scaling_factor).sample
 
 
-def timed(fn, device: torch.device, runs: int):
-    """Median wall time of ``runs`` calls after one warm-up, and the peak memory of one call."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    fn()
+class _Context(torch.nn.Module):
+    """Stands in for the text encoder in the VRAM planner: its weights are outside what is measured here."""
+
+    def __init__(self, max_length: int):
+        super().__init__()
+        self.max_length = max_length
+
+
+def planner_check(unet, vae, latents, cond, uncond, scale, device: torch.device, batches=(1, 2, 4)) -> list[dict]:
+    """The serve VRAM planner's estimates against measured peaks: a whole 2-step generation, and each phase alone
+    (the U-Net on the guidance batch of 2B, the VAE decode of B latents)."""
+    from types import SimpleNamespace
+
+    from unnoise.serve.vram import VramPlanner, measured_activations
+
+    pipe = SimpleNamespace(unet=unet, vae=vae, text_encoder=_Context(cond.shape[1]), vae_factor=8)
+    planner = VramPlanner(pipe, budget=2**50, max_batch=max(batches))
+    size = latents.shape[-1] * 8
+    rows = []
+    for b in batches:
+        x, c, u = latents.repeat(b, 1, 1, 1), cond.repeat(b, 1, 1), uncond.repeat(b, 1, 1)
+        estimate = planner.estimate(b, size, size)
+        t = torch.full((2 * b,), 500.0, device=device)
+        measured = {
+            "generation": measured_activations(lambda x=x, c=c, u=u: run_ours(unet, vae, x, c, u, 2, scale), device),
+            "unet": measured_activations(
+                lambda x=x, c=c, u=u, t=t: unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([c, u])), device
+            ),
+            "vae": measured_activations(lambda x=x: vae.decode(x), device),
+        }
+        estimated = {"generation": estimate.activations, "unet": estimate.unet, "vae": estimate.vae}
+        for phase, m in measured.items():
+            e = estimated[phase]
+            rows.append({"batch": b, "phase": phase, "estimated_gib": e / 2**30, "measured_gib": m / 2**30,
+                         "estimate_over_measured": e / m if m else None})  # fmt: skip
+    return rows
+
+
+def timed(fns: dict, device: torch.device, runs: int) -> dict:
+    """Each side's output, median wall time of ``runs`` calls and peak memory of a call above what was allocated
+    before it (activations and workspaces; both sides' weights stay on the device throughout). One warm-up call
+    each, then the sides alternate call by call, so a drift of the card's clocks or of the machine hits both."""
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    for fn in fns.values():
+        fn()
     sync()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times = []
+    times = {name: [] for name in fns}
+    peaks = dict.fromkeys(fns, 0)
+    outs = {}
     for _ in range(runs):
-        start = time.perf_counter()
-        out = fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else float("nan")
-    return out, statistics.median(times), peak
+        for name, fn in fns.items():
+            if cuda:
+                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+            outs[name] = fn()
+            sync()
+            times[name].append(time.perf_counter() - start)
+            if cuda:
+                peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated() - base)
+    return {
+        name: (outs[name], statistics.median(times[name]), peaks[name] if cuda else float("nan"), times[name])
+        for name in fns
+    }
 
 
 def count_flops(fn) -> float:
@@ -158,6 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tiny", action="store_true", help="small channels, to check the script on a CPU")
     parser.add_argument("--peak-tflops", type=float, default=None, help="override the card's dense peak")
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--report", default=None, help="also write a Markdown report here (docs/benchmarks/gpu.md)")
     args = parser.parse_args(argv)
 
     diffusers = import_diffusers()
@@ -178,16 +231,21 @@ def main(argv: list[str] | None = None) -> dict:
     with torch.inference_mode():
         ours_fn = lambda: run_ours(unet, vae, latents, cond, uncond, steps, scale)  # noqa: E731
         theirs_fn = lambda: run_diffusers(diffusers, d_unet, d_vae, latents, cond, uncond, steps, scale)  # noqa: E731
-        img_ours, t_ours, mem_ours = timed(ours_fn, device, args.runs)
-        img_theirs, t_theirs, mem_theirs = timed(theirs_fn, device, args.runs)
+        timings = timed({"ours": ours_fn, "diffusers": theirs_fn}, device, args.runs)
+        img_ours, t_ours, mem_ours, _ = timings["ours"]
+        img_theirs, t_theirs, mem_theirs, _ = timings["diffusers"]
         context = torch.cat([cond, uncond])
         unet_flops = count_flops(lambda: unet(torch.cat([latents, latents]), 500, encoder_hidden_states=context))
         vae_flops = count_flops(lambda: vae.decode(latents))
+        planner = planner_check(unet, vae, latents, cond, uncond, scale, device)
     flops = unet_flops * steps + vae_flops
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = args.peak_tflops * 1e12 if args.peak_tflops else next((v for k, v in PEAKS.items() if k in name), None)
     result = {
         "device": name,
+        "torch": torch.__version__,
+        "diffusers_version": diffusers.__version__,
+        "date": time.strftime("%Y-%m-%d"),
         "dtype": args.dtype,
         "size": args.size,
         "steps": steps,
@@ -195,19 +253,78 @@ def main(argv: list[str] | None = None) -> dict:
         "model_tflop_per_image": flops / 1e12,
         "max_abs_image_difference": (img_ours.float() - img_theirs.float()).abs().max().item(),
     }
-    for side, t, mem in (("ours", t_ours, mem_ours), ("diffusers", t_theirs, mem_theirs)):
+    for side, t, mem, models in (("ours", t_ours, mem_ours, (unet, vae)), ("diffusers", t_theirs, mem_theirs,
+                                                                            (d_unet, d_vae))):  # fmt: skip
+        weights = sum(p.numel() * p.element_size() for m in models for p in m.parameters())
         result[side] = {
             "latency_s": t,
             "images_per_s": 1 / t,
-            "peak_memory_gib": mem / 2**30,
+            "weights_gib": weights / 2**30,
+            "activation_peak_gib": mem / 2**30,
+            "peak_memory_gib": (weights + mem) / 2**30,
             "mfu": flops / t / peak if peak else None,
+            "all_latencies_s": timings[side][3],
         }
     result["latency_ratio_ours_over_diffusers"] = t_ours / t_theirs
+    result["vram_planner"] = planner
     print(json.dumps(result, indent=2))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
+    if args.report:
+        with open(args.report, "w") as f:
+            f.write(
+                report(result, " ".join(["python benchmarks/gpu.py", *(argv if argv is not None else sys.argv[1:])]))
+            )
     return result
+
+
+def report(result: dict, command: str) -> str:
+    """docs/benchmarks/gpu.md from one run's results."""
+    rows = [
+        f"| {side} | {r['latency_s']:.3f} | {r['images_per_s']:.3f} | {r['peak_memory_gib']:.3f} | "
+        f"{r['activation_peak_gib']:.3f} | " + (f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a") + " | "
+        f"{min(r['all_latencies_s']):.3f} - {max(r['all_latencies_s']):.3f} |"
+        for side, r in (("ours", result["ours"]), ("diffusers", result["diffusers"]))
+    ]
+    planner = [
+        f"| {r['batch']} | {r['phase']} | {r['estimated_gib']:.3f} | {r['measured_gib']:.3f} | "
+        f"{r['estimate_over_measured']:.2f} |"
+        for r in result["vram_planner"] or []
+    ]
+    return "\n".join(
+        [
+            "# GPU benchmark: SD-1.5-shaped text-to-image, ours against diffusers",
+            "",
+            f"Produced by `{command}` on **{result['device']}** (torch {result['torch']}, diffusers "
+            f"{result['diffusers_version']}), {result['date']}.",
+            "",
+            f"{result['config']} U-Net and VAE configurations with identical random weights on both sides, "
+            f"{result['size']}x{result['size']}, {result['dtype']}, {result['steps']} DPM-Solver++(2M) steps with "
+            "classifier-free guidance (U-Net batch of 2), then the VAE decode. Median of the timed runs after one "
+            "warm-up each, the two sides alternating call by call; peak memory is the side's own weights plus "
+            "`torch.cuda.max_memory_allocated` over its timed runs above what was allocated before them (both "
+            "sides' weights stay on the card throughout); MFU counts the U-Net's FLOPs (`torch.utils.flop_counter`) "
+            "times the steps plus the decode, over the card's dense fp16/bf16 peak.",
+            "",
+            "| side | latency s | images/s | peak memory GiB | of which above weights GiB | MFU | runs' range s |",
+            "|---|---|---|---|---|---|---|",
+            *rows,
+            "",
+            f"Latency ours / diffusers: **{result['latency_ratio_ours_over_diffusers']:.3f}x**; model FLOPs per image "
+            f"{result['model_tflop_per_image']:.2f} TFLOP; largest absolute difference between the two decoded "
+            f"images {result['max_abs_image_difference']:.3g} (pixel range [-1, 1]).",
+            "",
+            "The serve VRAM planner (`unnoise.serve.vram`) on this configuration: estimated activation memory of a "
+            "2-step generation, and of each phase alone (U-Net on the guidance batch of 2B, VAE decode of B), "
+            "against the measured peak above what was allocated before it (`torch.cuda.max_memory_allocated`).",
+            "",
+            "| batch B | phase | estimated GiB | measured GiB | estimate / measured |",
+            "|---|---|---|---|---|",
+            *planner,
+            "",
+        ]
+    )
 
 
 if __name__ == "__main__":

@@ -153,6 +153,7 @@ def vram_check(model: Path, sizes: list[int]) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pipe = Pipeline.from_pretrained(model, device=device, dtype=torch.float16 if device == "cuda" else None)
     planner = VramPlanner(pipe, budget=2**50, max_batch=64)
+    pipe("warm-up", steps=2, seed=0)  # as the server does: one-off allocations (cuBLAS workspace) are not a batch's
     print(f"{model.name} on {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}; weights "
           f"{planner.weights / GIB:.3f} GiB")  # fmt: skip
     print("| size | batch | estimated activations MiB | measured MiB | estimate / measured |\n|---|---|---|---|---|")

@@ -11,6 +11,11 @@ def test_gpu_script_runs_on_cpu_and_both_sides_agree():
     assert result["max_abs_image_difference"] < 1e-4
     assert result["ours"]["latency_s"] > 0 and result["diffusers"]["latency_s"] > 0
     assert result["model_tflop_per_image"] > 0
+    phases = {(r["batch"], r["phase"]) for r in result["vram_planner"]}
+    assert phases == {(b, p) for b in (1, 2, 4) for p in ("generation", "unet", "vae")}
+    assert all(r["measured_gib"] > 0 for r in result["vram_planner"])
+    text = gpu.report(result, "python benchmarks/gpu.py --tiny")
+    assert "| ours |" in text and "| diffusers |" in text and "| 4 | vae |" in text
 
 
 def test_gpu_script_imports_diffusers_from_a_wheel(tmp_path, monkeypatch):

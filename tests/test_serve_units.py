@@ -1,6 +1,7 @@
 """Serving pieces without HTTP: the VRAM planner against the PyTorch profiler, batching equals unbatched, the SQLite
 store across restarts, the metrics format, API keys, validation messages."""
 
+import copy
 import dataclasses
 import time
 
@@ -29,18 +30,39 @@ def pipe(tmp_path_factory):
 # -- VRAM planner ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("batch, size", [(1, 64), (2, 128), (1, 256)])
-def test_planner_bounds_the_profiled_peak_on_cpu(pipe, batch, size):
-    """The estimate of each phase is at least the profiler's peak and, above a few MiB, at most twice it."""
+@pytest.fixture(scope="module")
+def bf16_pipe(pipe):
+    half = copy.deepcopy(pipe)
+    half.unet.to(torch.bfloat16), half.vae.to(torch.bfloat16)
+    return half
+
+
+CPU_BF16_PADDING = pytest.mark.xfail(
+    strict=True,
+    reason="not modelled: oneDNN's bf16 convolutions on CPU copy input and output to a blocked layout padded to 16 "
+    "channels (this test VAE has 1 and 8); the CUDA decode measured in benchmarks/gpu.py stays under the estimate",
+)
+
+
+@pytest.mark.parametrize(
+    "dtype, batch, size",
+    [(d, b, s) for d in ("float32", "bfloat16") for b, s in ((1, 64), (2, 128))]
+    + [("float32", 1, 256), pytest.param("bfloat16", 1, 256, marks=CPU_BF16_PADDING)],
+)
+def test_planner_bounds_the_profiled_peak_on_cpu(pipe, bf16_pipe, dtype, batch, size):
+    """The estimate of each phase is at least the profiler's peak and, above a few MiB, at most twice it; in
+    bfloat16 as well (GroupNorm's float32 statistics, half-size activations)."""
+    pipe = bf16_pipe if dtype == "bfloat16" else pipe
+    dtype = getattr(torch, dtype)
     planner = VramPlanner(pipe, budget=2**40, max_batch=64)
     estimate = planner.estimate(batch, size, size)
     h = size // pipe.vae_factor
-    x = torch.randn(2 * batch, 4, h, h)
-    context = torch.randn(2 * batch, pipe.text_encoder.max_length, pipe.text_encoder.dim)
+    x = torch.randn(2 * batch, 4, h, h, dtype=dtype)
+    context = torch.randn(2 * batch, pipe.text_encoder.max_length, pipe.text_encoder.dim, dtype=dtype)
     t = torch.full((2 * batch,), 500.0)
     unet = measured_activations(lambda: pipe.unet(x, t, encoder_hidden_states=context), "cpu")
-    vae = measured_activations(lambda: pipe.vae.decode(torch.randn(batch, 4, h, h)), "cpu")
-    print(f"{batch}x{size}px: U-Net {estimate.unet / unet:.2f}x of {unet / MIB:.1f} MiB, "
+    vae = measured_activations(lambda: pipe.vae.decode(torch.randn(batch, 4, h, h, dtype=dtype)), "cpu")
+    print(f"{dtype} {batch}x{size}px: U-Net {estimate.unet / unet:.2f}x of {unet / MIB:.1f} MiB, "
           f"VAE {estimate.vae / vae:.2f}x of {vae / MIB:.1f} MiB")  # fmt: skip
     for estimated, measured in ((estimate.unet, unet), (estimate.vae, vae)):
         assert estimated >= measured

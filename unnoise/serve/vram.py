@@ -6,9 +6,11 @@ in forward order and keeping what is alive at once: the skip tensors the U-Net h
 working set of the current block (a residual block's input and two temporaries; a transformer block's tokens and
 its GEGLU feed-forward, 8x then 4x + 4x the width; an upsampler's input and its 4x-larger output and conv).
 Fused SDPA kernels (flash / memory-efficient, on CPU and CUDA) hold no N x N score matrix, so attention adds its
-q, k, v and output; ``chunked`` attention adds one (heads, chunk, N) block of scores. The estimate is checked
-against the PyTorch profiler on CPU (tests/test_serve_vram.py) and ``torch.cuda.max_memory_allocated`` on GPU
-(``benchmarks/serve_load.py --vram-check``).
+q, k, v and output; ``chunked`` attention adds one (heads, chunk, N) block of scores. The VAE decode adds one
+image's largest convolution input as workspace (cuDNN's algorithm scratch at batch 1, an im2col buffer on CPU).
+The estimate is checked against the PyTorch profiler on CPU in float32 and bfloat16 (tests/test_serve_units.py) and
+``torch.cuda.max_memory_allocated`` on GPU: SD-1.5 at 512x512 in fp16 (``benchmarks/gpu.py``) and the default model
+(``benchmarks/serve_load.py --vram-check``); docs/benchmarks/gpu.md and serving.md hold the measurements.
 """
 
 from __future__ import annotations
@@ -107,6 +109,13 @@ def unet_activations(config: UNetConfig, h: int, w: int, context: int, mode: str
     return peak
 
 
+def decoder_largest_map(config: AutoencoderKLConfig, h: int, w: int) -> int:
+    """Elements of the decoder's largest convolution input for one image from latent size h x w: the upsampler conv
+    at the next resolution, or the last level's first block (its input has the previous level's channels)."""
+    ch = tuple(reversed(config.block_out_channels))
+    return max(ch[i] * h * w * 4 ** min(i + 1, len(ch) - 1) for i in range(len(ch)))
+
+
 def decoder_activations(config: AutoencoderKLConfig, h: int, w: int, mode: str = "sdpa", chunk: int = 1024) -> int:
     """Peak elements alive in one VAE decode of one image from latent size h x w."""
     ch = tuple(reversed(config.block_out_channels))
@@ -147,7 +156,10 @@ class VramPlanner:
         vae = vae_batch * decoder_activations(pipe.vae.config, h, w, *_attention_mode(pipe.vae))
         sampler = SAMPLER_COPIES * batch * pipe.vae.config.latent_channels * h * w * FLOAT32
         unet_bytes = unet * next(pipe.unet.parameters()).element_size() + self.unet_workspace
-        vae_bytes = vae * next(pipe.vae.parameters()).element_size() + self.vae_workspace
+        itemsize = next(pipe.vae.parameters()).element_size()
+        # a convolution's workspace (cuDNN's algorithm scratch, an im2col buffer) is up to about one image's largest
+        # input map: measured on an H100 at SD-1.5's 512x512 decode, batch 1 (benchmarks/gpu.py)
+        vae_bytes = vae * itemsize + self.vae_workspace + decoder_largest_map(pipe.vae.config, h, w) * itemsize
         return MemoryEstimate(self.weights, sampler, unet_bytes, vae_bytes)
 
     def max_batch(self, width: int, height: int) -> int:
