@@ -145,3 +145,109 @@ def test_bf16_upsample_native_equals_upcast(monkeypatch):
     native = up(x)
     monkeypatch.setattr(layers, "NATIVE_HALF_DEVICES", ())
     assert torch.equal(native, up(x))
+
+
+def _upsamplers(channels: int, seed: int = 0) -> tuple[Upsample2D, Upsample2D]:
+    torch.manual_seed(seed)
+    fused = Upsample2D(channels)
+    plain = Upsample2D(channels, fused=False)
+    plain.load_state_dict(fused.state_dict())
+    return fused, plain
+
+
+@pytest.fixture(params=["phase", "transposed"])
+def fused_path(request, monkeypatch):
+    """Both fused algorithms on the CPU: phase convolutions (the CPU's) and the transposed convolution (CUDA's)."""
+    if request.param == "transposed":
+        monkeypatch.setattr(layers, "PHASE_CONV_DEVICES", ())
+    return request.param
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 5, 7), (3, 16, 8, 8), (2, 4, 1, 1)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fused_upsample_equals_interpolate_then_conv(fused_path, shape, channels_last):
+    """One convolution on the low-resolution map = nearest 2x then the 3x3 conv."""
+    fused, plain = _upsamplers(shape[1])
+    x = torch.randn(shape)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        got, want = fused(x), plain(x)
+        again = fused(x)  # from the kept fused kernel
+    assert got.shape == want.shape == (shape[0], shape[1], 2 * shape[2], 2 * shape[3])
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
+    assert torch.equal(again, got)
+    for layout in (torch.channels_last, torch.contiguous_format):  # the layout the two-step path gives
+        assert got.is_contiguous(memory_format=layout) == want.is_contiguous(memory_format=layout)
+
+
+def test_fused_upsample_kernel_by_hand():
+    """Output pixel (2i + a) sees input rows i - 1, i (phase 0) or i, i + 1 (phase 1), with the 3x3 kernel's rows
+    summed where nearest upsampling repeats a row; written out for a 1x1-channel kernel k[r, c] = 3r + c."""
+    w = torch.arange(9.0).reshape(1, 1, 3, 3)
+    kernel = layers.upsample_conv_weight(w)[0, 0]
+    rows = ([2], [1, 2], [0, 1], [0])  # transposed-convolution tap -> 3x3 kernel rows summed into it
+    want = [[sum(3 * r + c for r in rows[p] for c in rows[q]) for q in range(4)] for p in range(4)]
+    assert kernel.tolist() == want
+    x = torch.randn(1, 1, 3, 4)
+    plain = F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), w, padding=1)
+    torch.testing.assert_close(F.conv_transpose2d(x, kernel[None, None], stride=2, padding=1), plain)
+    with pytest.raises(ValueError, match="upsample_conv_weight needs a 3x3 kernel, got shape"):
+        layers.upsample_conv_weight(torch.zeros(1, 1, 5, 5))
+
+
+def test_fused_upsample_phase_weights_by_hand():
+    """Phase (a, b) of output pixel (2i + a, 2j + b): taps summed over the 3x3 kernel rows/columns it repeats."""
+    w = torch.arange(9.0).reshape(1, 1, 3, 3)  # k[r, c] = 3r + c
+    phases = layers.upsample_phase_weight(w)[:, 0]
+    rows = {0: [[0], [1, 2]], 1: [[0, 1], [2]]}  # phase -> kernel rows summed into window rows 0 and 1
+    for a in (0, 1):
+        for b in (0, 1):
+            want = [[sum(3 * r + c for r in rows[a][i] for c in rows[b][j]) for j in (0, 1)] for i in (0, 1)]
+            assert phases[2 * a + b].tolist() == want
+    with pytest.raises(ValueError, match="upsample_phase_weight needs a 3x3 kernel, got shape"):
+        layers.upsample_phase_weight(torch.zeros(1, 1, 5, 5))
+
+
+def test_fused_upsample_gradients_equal_and_kept_weights_follow_changes(fused_path):
+    fused, plain = _upsamplers(6, seed=1)
+    x = torch.randn(2, 6, 4, 5, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    g = torch.randn(2, 6, 8, 10)
+    (fused(x) * g).sum().backward()
+    (plain(x2) * g).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, atol=2e-5, rtol=0)
+    torch.testing.assert_close(fused.conv.weight.grad, plain.conv.weight.grad, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(fused.conv.bias.grad, plain.conv.bias.grad, atol=1e-4, rtol=1e-5)
+    y = torch.randn(1, 6, 3, 3)
+    with torch.no_grad():
+        fused(y)  # keeps the fused kernel
+        for module in (fused, plain):  # an optimizer-like in-place update
+            module.conv.weight.mul_(-0.5)
+        torch.testing.assert_close(fused(y), plain(y), atol=2e-5, rtol=0)
+        fused.load_state_dict(_upsamplers(6, seed=2)[0].state_dict())
+        plain.load_state_dict(fused.state_dict())
+        torch.testing.assert_close(fused(y), plain(y), atol=2e-5, rtol=0)
+        fused.to(torch.bfloat16), plain.to(torch.bfloat16)
+        got, want = fused(y.bfloat16()), plain(y.bfloat16())
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), atol=0.05, rtol=0.02)
+    assert fused.fused_weight_bytes() == 16 * 6 * 6 * 2 and plain.fused_weight_bytes() == 0
+
+
+def test_set_upsample_fusion_switches_every_upsampler():
+    model = torch.nn.Sequential(Upsample2D(4), torch.nn.Sequential(Upsample2D(4, fused=False)))
+    layers.set_upsample_fusion(model, False)
+    assert [m.fused for m in model.modules() if isinstance(m, Upsample2D)] == [False, False]
+    layers.set_upsample_fusion(model, True)
+    assert [m.fused for m in model.modules() if isinstance(m, Upsample2D)] == [True, True]
+    with pytest.raises(ValueError, match="enabled='yes' must be True or False"):
+        layers.set_upsample_fusion(model, "yes")
+
+
+def test_fused_kernel_follows_the_conv_weight_layout():
+    """A channels-last model gets a channels-last kernel: no per-call reorder copy of the weight."""
+    up = Upsample2D(8).to(memory_format=torch.channels_last)
+    for build in (layers.upsample_conv_weight, layers.upsample_phase_weight):
+        assert build(up.conv.weight).is_contiguous(memory_format=torch.channels_last)
+        assert build(Upsample2D(8).conv.weight).is_contiguous()

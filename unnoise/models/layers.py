@@ -127,19 +127,113 @@ class Downsample2D(nn.Module):
         return self.conv(x)
 
 
-class Upsample2D(nn.Module):
-    """Double the resolution: nearest-neighbour interpolation, then a 3x3 conv."""
+# Devices where the fused upsampler runs as four 2x2 phase convolutions plus an interleaving copy: faster than the
+# transposed convolution on the CPU (oneDNN), slower on CUDA where the copy dominates (docs/benchmarks/gpu.md).
+PHASE_CONV_DEVICES = ("cpu",)
 
-    def __init__(self, channels: int, *, use_conv: bool = True):
+
+class Upsample2D(nn.Module):
+    """Double the resolution: nearest-neighbour interpolation, then a 3x3 conv.
+
+    With ``fused`` (the default) the two run as one convolution on the low-resolution map. Every output pixel
+    (2i+a, 2j+b) of conv3x3(nearest2x(x)) sees a 2x2 window of ``x`` whose taps are sums of the 3x3 kernel's taps:
+    4 multiply-adds per output pixel instead of 9 and no 4x-larger upsampled map, equal to the two-step path up to
+    float rounding (the taps are summed before the multiplication). On CUDA (and other non-CPU devices) that is a
+    stride-2 transposed convolution with a 4x4 kernel, which writes the interleaved output itself; on the CPU one
+    2x2 convolution with the four phases as output channels, then a copy that interleaves them (faster there).
+    Without gradients the fused kernel is kept between calls (16/9 of the conv weight; ``fused_weight_bytes``) and
+    rebuilt when the weight changes.
+    """
+
+    def __init__(self, channels: int, *, use_conv: bool = True, fused: bool = True):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1) if use_conv else None
+        self.fused = fused
+        self._cache: tuple[tuple, Tensor] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.conv is not None and self.fused:
+            if x.device.type in PHASE_CONV_DEVICES:
+                return self._phase_forward(x)
+            kernel = self._fused_weight("transposed").to(x.dtype)
+            return F.conv_transpose2d(x, kernel, self.conv.bias, stride=2, padding=1)
         dtype = x.dtype
         if dtype == torch.bfloat16 and x.device.type not in NATIVE_HALF_DEVICES:  # no bf16 kernel on some backends
             x = x.float()
         x = F.interpolate(x, scale_factor=2.0, mode="nearest").to(dtype)
         return self.conv(x) if self.conv is not None else x
+
+    def fused_weight_bytes(self) -> int:
+        """Bytes of the fused kernel kept between calls without gradients (0 when not fused)."""
+        if self.conv is None or not self.fused:
+            return 0
+        w = self.conv.weight
+        return 16 * w.shape[0] * w.shape[1] * w.element_size()
+
+    def _fused_weight(self, kind: str) -> Tensor:
+        w = self.conv.weight
+        build = upsample_conv_weight if kind == "transposed" else upsample_phase_weight
+        if (torch.is_grad_enabled() and w.requires_grad) or w.is_inference():  # inference tensors have no version
+            self._cache = None
+            return build(w)
+        key = (kind, w.data_ptr(), w._version, w.dtype, w.device)
+        if self._cache is None or self._cache[0] != key:
+            with torch.no_grad():
+                self._cache = (key, build(w))
+        return self._cache[1]
+
+    def _phase_forward(self, x: Tensor) -> Tensor:
+        b, _, h, w = x.shape
+        out_channels = self.conv.out_channels
+        bias = self.conv.bias.repeat(4) if self.conv.bias is not None else None
+        y = F.conv2d(F.pad(x, (1, 1, 1, 1)), self._fused_weight("phase").to(x.dtype), bias)
+        # keep the layout the convolution chose from x's strides (a 1x1 x is contiguous in both)
+        channels_last = y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        y = y.unflatten(1, (2, 2, out_channels))  # (B, a, b, C, h + 1, w + 1)
+        out = torch.empty(b, out_channels, 2 * h, 2 * w, dtype=y.dtype, device=y.device, memory_format=layout)
+        for a in (0, 1):  # phase (a, c) holds output pixel (2i + a, 2j + c) at (i + a, j + c)
+            for c in (0, 1):
+                out[:, :, a::2, c::2] = y[:, a, c, :, a : a + h, c : c + w]
+        return out
+
+
+def _check_3x3(weight: Tensor, name: str) -> None:
+    if weight.shape[-2:] != (3, 3):
+        raise ValueError(f"{name} needs a 3x3 kernel, got shape {tuple(weight.shape)}")
+
+
+def _same_layout(kernel: Tensor, weight: Tensor) -> Tensor:
+    channels_last = weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    return kernel.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def upsample_conv_weight(weight: Tensor) -> Tensor:
+    """Kernel (I, O, 4, 4) of the stride-2, padding-1 transposed convolution equal to conv3x3(nearest2x(x)).
+
+    Along each axis, output phase 0 takes input offsets (-1, 0) with the 3x3 taps (k0, k1 + k2) and phase 1 takes
+    offsets (0, +1) with (k0 + k1, k2); in the transposed convolution's kernel order that is
+    (k2, k1 + k2, k0 + k1, k0) for ``weight`` (O, I, 3, 3)."""
+    _check_3x3(weight, "upsample_conv_weight")
+
+    def taps(w: Tensor, dim: int) -> Tensor:
+        k0, k1, k2 = w.unbind(dim)
+        return torch.stack([k2, k1 + k2, k0 + k1, k0], dim)
+
+    return _same_layout(taps(taps(weight, 2), 3).transpose(0, 1), weight)  # transposed convolutions take (in, out)
+
+
+def upsample_phase_weight(weight: Tensor) -> Tensor:
+    """Weights (4 * O, I, 2, 2) of the four output phases (a, b), row-major, as a 2x2 convolution on ``x`` padded by
+    one: phase (a, b) of output pixel (2i + a, 2j + b) sits at (i + a, j + b), with the same per-axis taps as
+    ``upsample_conv_weight``: (k0, k1 + k2) for phase 0 and (k0 + k1, k2) for phase 1."""
+    _check_3x3(weight, "upsample_phase_weight")
+
+    def split(w: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+        k0, k1, k2 = w.unbind(dim)
+        return torch.stack([k0, k1 + k2], dim), torch.stack([k0 + k1, k2], dim)
+
+    return _same_layout(torch.cat([col for row in split(weight, 2) for col in split(row, 3)], dim=0), weight)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mode: str = "sdpa", chunk_size: int = 1024) -> Tensor:
@@ -317,6 +411,16 @@ def memory_format_of(x: Tensor) -> torch.memory_format:
     if x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
     return torch.contiguous_format
+
+
+def set_upsample_fusion(module: nn.Module, enabled: bool) -> None:
+    """Run every ``Upsample2D`` under ``module`` as one fused convolution (``True``, the default) or as nearest
+    interpolation followed by the 3x3 conv (``False``, the layout of the original implementations)."""
+    if not isinstance(enabled, bool):
+        raise ValueError(f"enabled={enabled!r} must be True or False")
+    for layer in module.modules():
+        if isinstance(layer, Upsample2D):
+            layer.fused, layer._cache = enabled, None
 
 
 def set_attention_mode(module: nn.Module, mode: str, chunk_size: int = 1024) -> None:

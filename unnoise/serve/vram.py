@@ -21,6 +21,7 @@ from typing import Any
 
 from torch import nn
 
+from unnoise.models.layers import Upsample2D
 from unnoise.models.unet import DOWN_BLOCKS, MID_BLOCKS, UP_BLOCKS, UNetConfig
 from unnoise.models.vae import AutoencoderKLConfig
 
@@ -138,7 +139,11 @@ class VramPlanner:
 
     def __init__(self, pipe: Any, budget: int, max_batch: int):
         self.pipe, self.budget, self.limit = pipe, int(budget), int(max_batch)
-        self.weights = module_bytes(pipe.unet, pipe.vae, pipe.text_encoder)
+        # plus the phase weights fused upsamplers keep between calls (unnoise.models.layers.Upsample2D)
+        upsamplers = [m for model in (pipe.unet, pipe.vae) for m in model.modules() if isinstance(m, Upsample2D)]
+        self.weights = module_bytes(pipe.unet, pipe.vae, pipe.text_encoder) + sum(
+            m.fused_weight_bytes() for m in upsamplers
+        )
         # kernels' workspaces: a convolution may copy (reorder) its weight or unfold its input (im2col)
         self.unet_workspace = max(WORKSPACE, *(p.numel() * p.element_size() for p in pipe.unet.parameters()))
         self.vae_workspace = max(WORKSPACE, *(p.numel() * p.element_size() for p in pipe.vae.decoder.parameters()))
