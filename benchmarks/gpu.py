@@ -17,6 +17,7 @@ needs, such as huggingface_hub) beside this script: pure-Python wheels are impor
 from __future__ import annotations
 
 import argparse
+import copy
 import glob
 import json
 import os
@@ -32,6 +33,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from unnoise.denoisers import VPDenoiser  # noqa: E402
 from unnoise.guidance import CFGDenoiser  # noqa: E402
 from unnoise.models.io import diffusers_key, load_state  # noqa: E402
+from unnoise.models.layers import set_upsample_fusion  # noqa: E402
 from unnoise.models.unet import UNet, UNetConfig  # noqa: E402
 from unnoise.models.vae import AutoencoderKL, AutoencoderKLConfig  # noqa: E402
 from unnoise.samplers import sample  # noqa: E402
@@ -220,6 +222,10 @@ def main(argv: list[str] | None = None) -> dict:
     unet, vae, d_unet, d_vae = build(diffusers, unet_cfg, vae_cfg, seed=0)
     for m in (unet, vae, d_unet, d_vae):
         m.to(device=device, dtype=dtype).eval()
+    # ours once more with nearest 2x + 3x3 conv upsampling, as diffusers: what the fused upsamplers change
+    unet_u, vae_u = copy.deepcopy(unet), copy.deepcopy(vae)
+    for m in (unet_u, vae_u):
+        set_upsample_fusion(m, False)
 
     gen = torch.Generator().manual_seed(1)
     latent = args.size // 8
@@ -230,13 +236,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     with torch.inference_mode():
         ours_fn = lambda: run_ours(unet, vae, latents, cond, uncond, steps, scale)  # noqa: E731
+        unfused_fn = lambda: run_ours(unet_u, vae_u, latents, cond, uncond, steps, scale)  # noqa: E731
         theirs_fn = lambda: run_diffusers(diffusers, d_unet, d_vae, latents, cond, uncond, steps, scale)  # noqa: E731
-        timings = timed({"ours": ours_fn, "diffusers": theirs_fn}, device, args.runs)
-        img_ours, t_ours, mem_ours, _ = timings["ours"]
-        img_theirs, t_theirs, mem_theirs, _ = timings["diffusers"]
+        timings = timed({"ours": ours_fn, "ours_unfused": unfused_fn, "diffusers": theirs_fn}, device, args.runs)
+        img_ours, t_ours, _, _ = timings["ours"]
+        img_theirs, t_theirs, _, _ = timings["diffusers"]
         context = torch.cat([cond, uncond])
-        unet_flops = count_flops(lambda: unet(torch.cat([latents, latents]), 500, encoder_hidden_states=context))
-        vae_flops = count_flops(lambda: vae.decode(latents))
+        # the architecture's FLOPs as published (two-step upsampling); the fused upsamplers do fewer
+        unet_flops = count_flops(lambda: unet_u(torch.cat([latents, latents]), 500, encoder_hidden_states=context))
+        vae_flops = count_flops(lambda: vae_u.decode(latents))
         planner = planner_check(unet, vae, latents, cond, uncond, scale, device)
     flops = unet_flops * steps + vae_flops
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -253,8 +261,8 @@ def main(argv: list[str] | None = None) -> dict:
         "model_tflop_per_image": flops / 1e12,
         "max_abs_image_difference": (img_ours.float() - img_theirs.float()).abs().max().item(),
     }
-    for side, t, mem, models in (("ours", t_ours, mem_ours, (unet, vae)), ("diffusers", t_theirs, mem_theirs,
-                                                                            (d_unet, d_vae))):  # fmt: skip
+    for side, models in (("ours", (unet, vae)), ("ours_unfused", (unet_u, vae_u)), ("diffusers", (d_unet, d_vae))):
+        _, t, mem, _ = timings[side]
         weights = sum(p.numel() * p.element_size() for m in models for p in m.parameters())
         result[side] = {
             "latency_s": t,
@@ -266,6 +274,7 @@ def main(argv: list[str] | None = None) -> dict:
             "all_latencies_s": timings[side][3],
         }
     result["latency_ratio_ours_over_diffusers"] = t_ours / t_theirs
+    result["latency_ratio_fused_over_unfused_upsampling"] = t_ours / timings["ours_unfused"][1]
     result["vram_planner"] = planner
     print(json.dumps(result, indent=2))
     if args.json:
@@ -285,7 +294,12 @@ def report(result: dict, command: str) -> str:
         f"| {side} | {r['latency_s']:.3f} | {r['images_per_s']:.3f} | {r['peak_memory_gib']:.3f} | "
         f"{r['activation_peak_gib']:.3f} | " + (f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a") + " | "
         f"{min(r['all_latencies_s']):.3f} - {max(r['all_latencies_s']):.3f} |"
-        for side, r in (("ours", result["ours"]), ("diffusers", result["diffusers"]))
+        for side, r in (
+            ("ours", result["ours"]),
+            ("ours, unfused upsampling", result.get("ours_unfused")),
+            ("diffusers", result["diffusers"]),
+        )  # fmt: skip
+        if r is not None
     ]
     planner = [
         f"| {r['batch']} | {r['phase']} | {r['estimated_gib']:.3f} | {r['measured_gib']:.3f} | "
@@ -302,10 +316,10 @@ def report(result: dict, command: str) -> str:
             f"{result['config']} U-Net and VAE configurations with identical random weights on both sides, "
             f"{result['size']}x{result['size']}, {result['dtype']}, {result['steps']} DPM-Solver++(2M) steps with "
             "classifier-free guidance (U-Net batch of 2), then the VAE decode. Median of the timed runs after one "
-            "warm-up each, the two sides alternating call by call; peak memory is the side's own weights plus "
+            "warm-up each, the sides alternating call by call; peak memory is the side's own weights plus "
             "`torch.cuda.max_memory_allocated` over its timed runs above what was allocated before them (both "
             "sides' weights stay on the card throughout); MFU counts the U-Net's FLOPs (`torch.utils.flop_counter`) "
-            "times the steps plus the decode, over the card's dense fp16/bf16 peak.",
+            "times the steps plus the decode, over the card's dense fp16/bf16 peak, the same count for every row.",
             "",
             "| side | latency s | images/s | peak memory GiB | of which above weights GiB | MFU | runs' range s |",
             "|---|---|---|---|---|---|---|",
@@ -313,7 +327,10 @@ def report(result: dict, command: str) -> str:
             "",
             f"Latency ours / diffusers: **{result['latency_ratio_ours_over_diffusers']:.3f}x**; model FLOPs per image "
             f"{result['model_tflop_per_image']:.2f} TFLOP; largest absolute difference between the two decoded "
-            f"images {result['max_abs_image_difference']:.3g} (pixel range [-1, 1]).",
+            f"images {result['max_abs_image_difference']:.3g} (pixel range [-1, 1]). Our fused upsamplers (the "
+            "default; one convolution on the low-resolution map, a transposed convolution on CUDA, instead of "
+            "nearest 2x + 3x3 conv) against the unfused layout: "
+            f"**{result.get('latency_ratio_fused_over_unfused_upsampling', float('nan')):.3f}x**.",
             "",
             "The serve VRAM planner (`unnoise.serve.vram`) on this configuration: estimated activation memory of a "
             "2-step generation, and of each phase alone (U-Net on the guidance batch of 2B, VAE decode of B), "

@@ -38,3 +38,13 @@ def test_gpu_script_imports_diffusers_from_a_wheel(tmp_path, monkeypatch):
     module = gpu.import_diffusers(str(tmp_path))
     assert module.FROM_WHEEL and str(wheel) in sys.path
     sys.modules.pop("diffusers", None)
+
+
+def test_upsample_script_runs_on_cpu(capsys):
+    from benchmarks import upsample
+
+    upsample.main(["--small", "--runs", "2"])
+    out = capsys.readouterr().out
+    assert out.count("| 32 | 16->32 | 1 |") == 1 and "VAE decode, fused=True" in out
+    diffs = [float(d) for d in __import__("re").findall(r"\((\d\.\de[-+]\d+)\)", out)]
+    assert len(diffs) == 4 and max(diffs) < 1e-4
