@@ -97,20 +97,31 @@ class ResnetBlock2D(nn.Module):
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: Tensor, temb: Tensor | None = None) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
+        # Without autograd the block's own temporaries are updated in place: the same arithmetic with fewer fresh
+        # feature maps, each of which costs the CPU an allocation and page faults at high resolution.
+        inplace = not torch.is_grad_enabled()
+        h = self.conv1(F.silu(self.norm1(x), inplace=inplace))
         scale_shift = None
         if self.time_emb_proj is not None and temb is not None:
             t = self.time_emb_proj(F.silu(temb))[:, :, None, None]
             if self.time_embedding_norm == "scale_shift":
                 scale_shift = t.chunk(2, dim=1)
             else:
-                h = h + t
+                h = _add(h, t, inplace)
         h = self.norm2(h)
         if scale_shift is not None:
             h = h * (1 + scale_shift[0]) + scale_shift[1]
-        h = self.conv2(self.dropout(F.silu(h)))
+        h = self.conv2(self.dropout(F.silu(h, inplace=inplace)))
         shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
-        return (shortcut + h) / self.output_scale_factor
+        out = _add(h, shortcut, inplace)
+        return out if self.output_scale_factor == 1 else out / self.output_scale_factor
+
+
+def _add(h: Tensor, other: Tensor, inplace: bool) -> Tensor:
+    """``h + other``, into ``h`` when allowed and the result keeps ``h``'s dtype and shape anyway."""
+    if inplace and other.dtype == h.dtype and torch.broadcast_shapes(h.shape, other.shape) == h.shape:
+        return h.add_(other)
+    return h + other
 
 
 class Downsample2D(nn.Module):
@@ -311,8 +322,8 @@ class SpatialAttention(Attention):
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         b, c, h, w = x.shape
         tokens = self.group_norm(x).view(b, c, h * w).transpose(1, 2)
-        out = super().forward(tokens).transpose(1, 2).reshape(b, c, h, w)
-        return (out + x) / self.rescale_output_factor
+        out = _add(super().forward(tokens).transpose(1, 2).reshape(b, c, h, w), x, not torch.is_grad_enabled())
+        return out if self.rescale_output_factor == 1 else out / self.rescale_output_factor
 
 
 class GEGLU(nn.Module):
@@ -355,9 +366,10 @@ class BasicTransformerBlock(nn.Module):
         self.ff = FeedForward(dim, dropout=dropout)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
-        x = self.attn1(self.norm1(x)) + x
-        x = self.attn2(self.norm2(x), context) + x
-        return self.ff(self.norm3(x)) + x
+        inplace = not torch.is_grad_enabled()  # each sublayer's output is a fresh tensor: add the residual into it
+        x = _add(self.attn1(self.norm1(x)), x, inplace)
+        x = _add(self.attn2(self.norm2(x), context), x, inplace)
+        return _add(self.ff(self.norm3(x)), x, inplace)
 
 
 class Transformer2D(nn.Module):
@@ -402,7 +414,7 @@ class Transformer2D(nn.Module):
         )
         # Back to x's memory format: a channels-last result would make every later conv reorder its weights
         # (measured: 2x the peak memory of a conv at 4x4 and 384 channels).
-        return out.contiguous(memory_format=memory_format_of(x)) + x
+        return _add(out.contiguous(memory_format=memory_format_of(x)), x, not torch.is_grad_enabled())
 
 
 def memory_format_of(x: Tensor) -> torch.memory_format:

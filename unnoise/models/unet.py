@@ -367,7 +367,7 @@ class UNet(nn.Module):
             n = len(block.resnets)
             h = self._run(block, h, skips[-n:], temb, context)
             del skips[-n:]
-        return self.conv_out(F.silu(self.conv_norm_out(h))).to(x.dtype)
+        return self.conv_out(F.silu(self.conv_norm_out(h), inplace=not torch.is_grad_enabled())).to(x.dtype)
 
     def _run(self, block: nn.Module, *args: Any) -> Any:
         if self.gradient_checkpointing and torch.is_grad_enabled():

@@ -187,7 +187,7 @@ class Encoder(nn.Module):
         for block in self.down_blocks:
             x = block(x)
         x = self.mid_block(x)
-        return self.conv_out(F.silu(self.conv_norm_out(x)))
+        return self.conv_out(F.silu(self.conv_norm_out(x), inplace=not torch.is_grad_enabled()))
 
 
 class Decoder(nn.Module):
@@ -215,7 +215,7 @@ class Decoder(nn.Module):
         x = self.mid_block(self.conv_in(z))
         for block in self.up_blocks:
             x = block(x)
-        return self.conv_out(F.silu(self.conv_norm_out(x)))
+        return self.conv_out(F.silu(self.conv_norm_out(x), inplace=not torch.is_grad_enabled()))
 
 
 class DiagonalGaussian:
