@@ -6,9 +6,11 @@
 The config is Stable Diffusion 1.5's shape at reduced width (channels x 0.3 for the U-Net, / 2 for the VAE), so a
 2-core CPU runs it in seconds: the U-Net on a CFG batch of 2 latents of 32x32 with 77 context tokens, the VAE
 decoding one 32x32 latent to 256x256. Latency is the median of repeated calls, ours and diffusers' alternating in
-one process. Peak memory is measured per side in a fresh subprocess: the resident-set high-water mark (VmHWM,
-reset through /proc/self/clear_refs after a warm-up call) above the resident set before the measured call, with
-glibc told to return large blocks to the system at once (MALLOC_MMAP_THRESHOLD_) so that freed tensors leave the RSS.
+one process, repeated in --processes fresh processes (default 3): the table gives the median over processes and
+the ratio's range, since the ratio moves by a few percent from one process to the next. Peak memory is measured
+per side in a fresh subprocess: the resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs after
+a warm-up call) above the resident set before the measured call, with glibc told to return large blocks to the
+system at once (MALLOC_MMAP_THRESHOLD_) so that freed tensors leave the RSS.
 """
 
 from __future__ import annotations
@@ -93,6 +95,29 @@ def latency(setting: str, repeats: int) -> dict[str, dict[str, float]]:
     return result
 
 
+def latency_in_processes(setting: str, repeats: int, processes: int) -> dict[str, dict[str, float]]:
+    """``latency`` in ``processes`` fresh processes: per model, the median over processes of each side's time and
+    of the ratio, and the ratio's range (a process's memory placement moves the ratio by a few percent)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    runs = []
+    for _ in range(processes):
+        cmd = [sys.executable, __file__, "--latency-child", setting, str(repeats)]
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+        runs.append(json.loads(out.strip().splitlines()[-1]))
+    result = {}
+    for name in runs[0]:
+        per = [r[name] for r in runs]
+        ratios = [r["ratio"] for r in per]
+        result[name] = {
+            "ours": statistics.median(r["ours"] for r in per),
+            "diffusers": statistics.median(r["diffusers"] for r in per),
+            "ratio": statistics.median(ratios),
+            "ratio_range": (min(ratios), max(ratios)),
+            "max_abs_diff": max(r["max_abs_diff"] for r in per),
+        }
+    return result
+
+
 def _read_kib(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -119,24 +144,26 @@ def peak(setting: str, name: str, side: int) -> float:
     return json.loads(out.strip().splitlines()[-1])["peak_mib"]
 
 
-def report(results: dict, repeats: int) -> str:
+def report(results: dict, repeats: int, processes: int) -> str:
     lines = [
         "# Model forward: ours against diffusers on identical weights (CPU)",
         "",
         "Produced by `python benchmarks/models.py` (see its docstring for the method). "
-        f"Machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, fp32, median of {repeats} calls.",
+        f"Machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, fp32, median of {repeats} calls in each "
+        f"of {processes} processes per setting.",
         "Stable Diffusion 1.5's U-Net and VAE shapes at reduced width: U-Net channels (96, 192, 384, 384), CFG batch "
         "of 2 at 32x32 latents, 77x768 context; VAE channels (64, 128, 256, 256) decoding one 32x32 latent to 256x256.",
         "",
-        "| setting | model | ours (ms) | diffusers (ms) | latency ratio | ours peak (MiB) | diffusers peak (MiB) "
-        "| memory ratio | max abs diff |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| setting | model | ours (ms) | diffusers (ms) | latency ratio | ratio range | ours peak (MiB) "
+        "| diffusers peak (MiB) | memory ratio | max abs diff |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for setting, per_model in results.items():
         for name, r in per_model.items():
             lines.append(
                 f"| {setting} | {name} | {r['ours'] * 1e3:.1f} | {r['diffusers'] * 1e3:.1f} | {r['ratio']:.3f} "
-                f"| {r['peak_ours']:.0f} | {r['peak_diffusers']:.0f} | {r['peak_ours'] / r['peak_diffusers']:.3f} "
+                f"| {r['ratio_range'][0]:.3f} - {r['ratio_range'][1]:.3f} | {r['peak_ours']:.0f} "
+                f"| {r['peak_diffusers']:.0f} | {r['peak_ours'] / r['peak_diffusers']:.3f} "
                 f"| {r['max_abs_diff']:.1e} |"
             )
     lines += ["", "Goal: latency ratio <= 0.9 and memory ratio <= 1.0. Ratios below 1 favour us.", ""]
@@ -167,20 +194,26 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="3 repeats, default setting only, print only")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks" / "models.md"))
+    parser.add_argument("--processes", type=int, default=3, help="fresh processes per setting (default: 3)")
     parser.add_argument("--peak-child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--latency-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.peak_child:
         setting, name, side = args.peak_child
         peak_child(setting, name, int(side))
         return {}
+    if args.latency_child:
+        setting, repeats = args.latency_child
+        print(json.dumps(latency(setting, int(repeats))))
+        return {}
     repeats = 3 if args.quick else args.repeats
     settings = ["default"] if args.quick else list(SETTINGS)
     results = {}
     for setting in settings:
-        results[setting] = latency(setting, repeats)
+        results[setting] = latency_in_processes(setting, repeats, 1 if args.quick else args.processes)
         for name, r in results[setting].items():
             r["peak_ours"], r["peak_diffusers"] = peak(setting, name, 0), peak(setting, name, 1)
-    text = report(results, repeats)
+    text = report(results, repeats, 1 if args.quick else args.processes)
     print(text)
     if not args.quick:
         Path(args.out).write_text(text)

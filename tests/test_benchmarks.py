@@ -3,6 +3,8 @@
 import sys
 import zipfile
 
+import numpy as np
+
 from benchmarks import gpu
 
 
@@ -48,3 +50,24 @@ def test_upsample_script_runs_on_cpu(capsys):
     assert out.count("| 32 | 16->32 | 1 |") == 1 and "VAE decode, fused=True" in out
     diffs = [float(d) for d in __import__("re").findall(r"\((\d\.\de[-+]\d+)\)", out)]
     assert len(diffs) == 4 and max(diffs) < 1e-4
+
+
+def test_memorisation_nearest_is_the_brute_force_nearest():
+    from benchmarks import memorisation
+
+    rng = np.random.default_rng(0)
+    queries, reference = rng.random((5, 4, 4)), rng.random((7, 4, 4))
+    dist, index = memorisation.nearest(queries, reference)
+    brute = np.sqrt(((queries[:, None] - reference[None]) ** 2).sum(axis=(2, 3)))
+    np.testing.assert_allclose(dist, brute.min(axis=1), rtol=1e-12)
+    assert (index == brute.argmin(axis=1)).all()
+    dist, index = memorisation.nearest(reference[[3, 1]], reference)  # a copy is at distance 0 from itself
+    assert dist.max() < 1e-12 and index.tolist() == [3, 1]
+
+
+def test_memorisation_script_runs_on_the_default_model(capsys):
+    from benchmarks import memorisation
+
+    result = memorisation.main(["--per-digit", "1", "--quick"])
+    assert result["samples"] == 10 and 0 <= result["share_under_val_p1"] <= result["share_under_val_p5"] <= 1
+    assert result["min_val"] > 0 and "| held-out digits | 1000 |" in capsys.readouterr().out
