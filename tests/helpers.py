@@ -78,3 +78,14 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def run_cli(main, capsys, *argv) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of a command-line ``main`` called with ``argv`` (as strings)."""
+    try:
+        main([str(a) for a in argv])
+        status = 0
+    except SystemExit as exit:
+        status = exit.code
+    out, err = capsys.readouterr()
+    return status, out, err

@@ -1,6 +1,7 @@
 """The ``unnoise`` command: generate writes PNGs with parameters and a grid, --from-png reproduces an image
 bit-exactly, user errors are one line with exit status 2, Ctrl-C exits with 130, the module runs as a script."""
 
+import functools
 import re
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import diffusers
 import numpy as np
 import pytest
 import transformers
-from helpers import SD_SCHEDULE, tiny_components
+from helpers import SD_SCHEDULE, run_cli, tiny_components
 from PIL import Image
 
 from unnoise import cli
@@ -60,15 +61,7 @@ def files(tmp_path_factory):
     return {p.stem: str(p) for p in folder.iterdir()}
 
 
-def run(capsys, *argv) -> tuple[int, str, str]:
-    """(exit status, stdout, stderr) of ``unnoise ARGV``."""
-    try:
-        cli.main([str(a) for a in argv])
-        status = 0
-    except SystemExit as exit:
-        status = exit.code
-    out, err = capsys.readouterr()
-    return status, out, err
+run = functools.partial(run_cli, cli.main)  # run(capsys, *argv) -> (exit status, stdout, stderr)
 
 
 def pixels(path) -> np.ndarray:

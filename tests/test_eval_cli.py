@@ -2,6 +2,7 @@
 tiny setting, user errors, and (slow) two torchrun processes against one."""
 
 import builtins
+import functools
 import json
 import subprocess
 import sys
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import free_port
+from helpers import free_port, run_cli
 from test_eval import write_digits
 from test_serve import build_tiny_pipeline
 
@@ -30,15 +31,7 @@ def real(tmp_path_factory):
     return write_digits(tmp_path_factory.mktemp("real") / "train-digits", part="train", count=30)
 
 
-def run(capsys, *argv):
-    """Run ``unnoise eval ...``; (exit code, stdout, stderr)."""
-    try:
-        cli.main([str(a) for a in argv])
-        code = 0
-    except SystemExit as exit:
-        code = exit.code
-    out, err = capsys.readouterr()
-    return code, out, err
+run = functools.partial(run_cli, cli.main)  # run(capsys, *argv) -> (exit status, stdout, stderr)
 
 
 def base(model, real, tmp_path, *extra):

@@ -3,6 +3,7 @@ are blocked with their category; calibration plumbing (with a tiny hashing encod
 the calibration set kept apart from the red-team suite."""
 
 import argparse
+import functools
 import json
 import shutil
 import tomllib
@@ -11,6 +12,7 @@ import zlib
 
 import pytest
 import torch
+from helpers import run_cli
 
 from unnoise.models.text import TextEmbedding
 from unnoise.safety import PromptBlocked, PromptFilter, SafetyChecker, SafetyConfig, StaleCalibrationWarning, cli
@@ -203,26 +205,24 @@ def test_redteam_report(prompt_filter, small_suite, tmp_path):
         write_report(text, tmp_path / "plain.md")
 
 
-def run_cli(capsys, *argv):
+def safety_main(argv):
+    """The safety subcommands alone, as ``unnoise`` parses and runs them."""
     parser = argparse.ArgumentParser(prog="unnoise")
     cli.add_parser(parser.add_subparsers(dest="command", required=True))
-    try:
-        args = parser.parse_args(argv)
-        args.run(args)
-        status = 0
-    except SystemExit as exit:
-        status = exit.code
-    out, err = capsys.readouterr()
-    return status, out, err
+    args = parser.parse_args(argv)
+    args.run(args)
+
+
+run_safety_cli = functools.partial(run_cli, safety_main)  # (capsys, *argv) -> (exit status, stdout, stderr)
 
 
 def test_redteam_command(capsys, monkeypatch, prompt_filter, small_suite, tmp_path):
     monkeypatch.setattr(PromptFilter, "load", classmethod(lambda cls, *a, **k: prompt_filter))
     report = tmp_path / "report.md"
-    status, out, _ = run_cli(capsys, "redteam", "--suite", str(small_suite), "--report", str(report))
+    status, out, _ = run_safety_cli(capsys, "redteam", "--suite", str(small_suite), "--report", str(report))
     assert status == 0 and out.strip() == str(report)
     assert f"`unnoise redteam --report {report}`" in report.read_text()
-    status, out, _ = run_cli(capsys, "redteam", "--suite", str(small_suite))
+    status, out, _ = run_safety_cli(capsys, "redteam", "--suite", str(small_suite))
     assert status == 0 and "| obfuscated prompts blocked | 50.0% | >= 85% | no |" in out
-    status, _, err = run_cli(capsys, "redteam", "--suite", str(tmp_path / "missing.toml"))
+    status, _, err = run_safety_cli(capsys, "redteam", "--suite", str(tmp_path / "missing.toml"))
     assert status == 2 and "argument --suite:" in err and "does not exist" in err

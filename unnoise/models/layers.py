@@ -198,9 +198,7 @@ class Upsample2D(nn.Module):
         out_channels = self.conv.out_channels
         bias = self.conv.bias.repeat(4) if self.conv.bias is not None else None
         y = F.conv2d(F.pad(x, (1, 1, 1, 1)), self._fused_weight("phase").to(x.dtype), bias)
-        # keep the layout the convolution chose from x's strides (a 1x1 x is contiguous in both)
-        channels_last = y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
-        layout = torch.channels_last if channels_last else torch.contiguous_format
+        layout = memory_format_of(y)  # the convolution's choice from x's strides (a 1x1 x is contiguous in both)
         y = y.unflatten(1, (2, 2, out_channels))  # (B, a, b, C, h + 1, w + 1)
         out = torch.empty(b, out_channels, 2 * h, 2 * w, dtype=y.dtype, device=y.device, memory_format=layout)
         for a in (0, 1):  # phase (a, c) holds output pixel (2i + a, 2j + c) at (i + a, j + c)
@@ -212,11 +210,6 @@ class Upsample2D(nn.Module):
 def _check_3x3(weight: Tensor, name: str) -> None:
     if weight.shape[-2:] != (3, 3):
         raise ValueError(f"{name} needs a 3x3 kernel, got shape {tuple(weight.shape)}")
-
-
-def _same_layout(kernel: Tensor, weight: Tensor) -> Tensor:
-    channels_last = weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
-    return kernel.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 def upsample_conv_weight(weight: Tensor) -> Tensor:
@@ -231,7 +224,8 @@ def upsample_conv_weight(weight: Tensor) -> Tensor:
         k0, k1, k2 = w.unbind(dim)
         return torch.stack([k2, k1 + k2, k0 + k1, k0], dim)
 
-    return _same_layout(taps(taps(weight, 2), 3).transpose(0, 1), weight)  # transposed convolutions take (in, out)
+    kernel = taps(taps(weight, 2), 3).transpose(0, 1)  # transposed convolutions take (in, out)
+    return kernel.contiguous(memory_format=memory_format_of(weight))  # the conv weight's layout: no reorder per call
 
 
 def upsample_phase_weight(weight: Tensor) -> Tensor:
@@ -244,7 +238,8 @@ def upsample_phase_weight(weight: Tensor) -> Tensor:
         k0, k1, k2 = w.unbind(dim)
         return torch.stack([k0, k1 + k2], dim), torch.stack([k0 + k1, k2], dim)
 
-    return _same_layout(torch.cat([col for row in split(weight, 2) for col in split(row, 3)], dim=0), weight)
+    phases = torch.cat([col for row in split(weight, 2) for col in split(row, 3)], dim=0)
+    return phases.contiguous(memory_format=memory_format_of(weight))
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mode: str = "sdpa", chunk_size: int = 1024) -> Tensor:
