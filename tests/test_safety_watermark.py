@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from test_safety_prompt import run_cli
+from test_safety_prompt import run_safety_cli
 
 from unnoise.png import format_parameters, parse_parameters, save_png
 from unnoise.safety import SafetyChecker, SafetyConfig, WatermarkTooSmall, detect, embed, read_provenance
@@ -132,23 +132,23 @@ def test_watermark_commands(capsys, tmp_path):
     source = natural(256)
     source.info["parameters"] = parameters(256)
     save_png(source, tmp_path / "in.png")
-    status, out, _ = run_cli(capsys, "watermark", "embed", str(tmp_path / "in.png"), str(tmp_path / "out.png"),
+    status, out, _ = run_safety_cli(capsys, "watermark", "embed", str(tmp_path / "in.png"), str(tmp_path / "out.png"),
                              "--payload", "0xC0FFEE42")  # fmt: skip
     assert status == 0 and out.strip() == str(tmp_path / "out.png")
-    status, out, _ = run_cli(capsys, "watermark", "detect", str(tmp_path / "out.png"))
+    status, out, _ = run_safety_cli(capsys, "watermark", "detect", str(tmp_path / "out.png"))
     assert status == 0
     assert "watermark found: payload 0xc0ffee42, confidence 1.000, CRC ok" in out
     assert "its parameters record Watermark: unnoise DWT-DCT v1 payload 0xc0ffee42" in out
     jpeg(Image.open(tmp_path / "out.png"), 85).save(tmp_path / "out.jpg")
-    status, out, _ = run_cli(capsys, "watermark", "detect", str(tmp_path / "out.jpg"))
+    status, out, _ = run_safety_cli(capsys, "watermark", "detect", str(tmp_path / "out.jpg"))
     assert status == 0 and "payload 0xc0ffee42" in out
-    status, out, _ = run_cli(capsys, "watermark", "detect", str(tmp_path / "in.png"))
+    status, out, _ = run_safety_cli(capsys, "watermark", "detect", str(tmp_path / "in.png"))
     assert status == 1 and "no watermark found" in out
     Image.new("L", (32, 32)).save(tmp_path / "small.png")
-    status, _, err = run_cli(capsys, "watermark", "embed", str(tmp_path / "small.png"), str(tmp_path / "x.png"))
+    status, _, err = run_safety_cli(capsys, "watermark", "embed", str(tmp_path / "small.png"), str(tmp_path / "x.png"))
     assert status == 2 and "argument file: image is 32x32" in err
     (tmp_path / "bad.png").write_text("not an image")
-    status, _, err = run_cli(capsys, "watermark", "detect", str(tmp_path / "bad.png"))
+    status, _, err = run_safety_cli(capsys, "watermark", "detect", str(tmp_path / "bad.png"))
     assert status == 2 and "cannot read" in err
-    status, _, err = run_cli(capsys, "watermark", "embed", str(tmp_path / "in.png"), "o.png", "--payload", "x")
+    status, _, err = run_safety_cli(capsys, "watermark", "embed", str(tmp_path / "in.png"), "o.png", "--payload", "x")
     assert status == 2 and "'x' is not an integer" in err
