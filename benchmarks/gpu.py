@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from unnoise.denoisers import VPDenoiser  # noqa: E402
 from unnoise.guidance import CFGDenoiser  # noqa: E402
 from unnoise.models.io import diffusers_key, load_state  # noqa: E402
-from unnoise.models.layers import set_upsample_fusion  # noqa: E402
+from unnoise.models.layers import set_upsample_fusion, set_weight_packing  # noqa: E402
 from unnoise.models.unet import UNet, UNetConfig  # noqa: E402
 from unnoise.models.vae import AutoencoderKL, AutoencoderKLConfig  # noqa: E402
 from unnoise.samplers import sample  # noqa: E402
@@ -222,10 +222,12 @@ def main(argv: list[str] | None = None) -> dict:
     unet, vae, d_unet, d_vae = build(diffusers, unet_cfg, vae_cfg, seed=0)
     for m in (unet, vae, d_unet, d_vae):
         m.to(device=device, dtype=dtype).eval()
-    # ours once more with nearest 2x + 3x3 conv upsampling, as diffusers: what the fused upsamplers change
+    # ours once more with nearest 2x + 3x3 conv upsampling, as diffusers: what the fused upsamplers change (and, on
+    # the CPU, with PyTorch's own conv/linear kernels instead of oneDNN's on reordered weights)
     unet_u, vae_u = copy.deepcopy(unet), copy.deepcopy(vae)
     for m in (unet_u, vae_u):
         set_upsample_fusion(m, False)
+        set_weight_packing(m, False)
 
     gen = torch.Generator().manual_seed(1)
     latent = args.size // 8

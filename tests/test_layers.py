@@ -165,9 +165,12 @@ def fused_path(request, monkeypatch):
 
 @pytest.mark.parametrize("shape", [(1, 8, 5, 7), (3, 16, 8, 8), (2, 4, 1, 1)])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_fused_upsample_equals_interpolate_then_conv(fused_path, shape, channels_last):
-    """One convolution on the low-resolution map = nearest 2x then the 3x3 conv."""
+@pytest.mark.parametrize("packed", [True, False])
+def test_fused_upsample_equals_interpolate_then_conv(fused_path, shape, channels_last, packed):
+    """One convolution on the low-resolution map = nearest 2x then the 3x3 conv, with the weights packed for oneDNN
+    (the CPU's default) or not."""
     fused, plain = _upsamplers(shape[1])
+    layers.set_weight_packing(fused, packed), layers.set_weight_packing(plain, packed)
     x = torch.randn(shape)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
@@ -177,6 +180,11 @@ def test_fused_upsample_equals_interpolate_then_conv(fused_path, shape, channels
     assert got.shape == want.shape == (shape[0], shape[1], 2 * shape[2], 2 * shape[3])
     torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
     assert torch.equal(again, got)
+    if packed:  # oneDNN's packed convolutions answer channels-last
+        assert want.is_contiguous(memory_format=torch.channels_last)
+        if fused_path == "phase":
+            assert got.is_contiguous(memory_format=torch.channels_last)
+        return
     for layout in (torch.channels_last, torch.contiguous_format):  # the layout the two-step path gives
         assert got.is_contiguous(memory_format=layout) == want.is_contiguous(memory_format=layout)
 
@@ -251,3 +259,132 @@ def test_fused_kernel_follows_the_conv_weight_layout():
     for build in (layers.upsample_conv_weight, layers.upsample_phase_weight):
         assert build(up.conv.weight).is_contiguous(memory_format=torch.channels_last)
         assert build(Upsample2D(8).conv.weight).is_contiguous()
+
+
+# -- weights packed for oneDNN (CPU inference) ----------------------------------------------------------------------
+
+
+def _conv(c_in: int, c_out: int, k: int, seed: int = 0, **kwargs) -> layers.Conv2d:
+    torch.manual_seed(seed)
+    return layers.Conv2d(c_in, c_out, k, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "c_in, c_out, k, kwargs",
+    [(16, 24, 3, {"padding": 1}), (8, 8, 3, {"stride": 2}), (12, 20, 1, {}), (8, 16, 3, {"padding": 1, "bias": False})],
+)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_conv_equals_pytorch_conv(c_in, c_out, k, kwargs, channels_last, dtype):
+    conv = _conv(c_in, c_out, k, **kwargs).to(dtype)
+    x = torch.randn(2, c_in, 9, 10).to(dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    want = F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding)
+    with torch.no_grad():
+        got = conv(x)
+    assert "_packed" in conv.__dict__ and got.dtype == dtype
+    assert got.is_contiguous(memory_format=torch.channels_last)  # oneDNN's layout; the models restore the input's
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    else:  # the same bfloat16 products, summed in float32 in another order: at most a rounding or two apart
+        assert ((got.float() - want.float()).abs() <= 2 * 2**-8 * want.float().abs().clamp(min=1)).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_onednn_linear_equals_pytorch_linear(dtype):
+    torch.manual_seed(0)
+    for bias in (True, False):
+        linear = layers.Linear(24, 40, bias=bias).to(dtype)
+        x = torch.randn(3, 7, 48)[..., ::2].to(dtype)  # 3-D and not contiguous
+        with torch.no_grad():
+            got, flat = linear(x), linear(x.reshape(21, 24))
+        want = F.linear(x, linear.weight, linear.bias)
+        assert got.dtype == dtype and "_packed" not in linear.__dict__  # nothing kept
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+        torch.testing.assert_close(flat, want.reshape(21, 40), atol=tol, rtol=tol)
+
+
+def test_packed_weight_follows_every_change_of_the_weight():
+    conv = _conv(8, 8, 3, padding=1)
+    x = torch.randn(1, 8, 6, 6)
+    plain = lambda: F.conv2d(x, conv.weight, conv.bias, padding=1)  # noqa: E731
+    with torch.no_grad():
+        first = conv(x)
+        kept = conv._packed[2]
+        assert torch.equal(conv(x), first) and conv._packed[2] is kept  # reused
+        conv(torch.randn(2, 8, 6, 6))  # another input shape: packed for it
+        assert conv._packed[2] is not kept
+        conv.weight.mul_(2)  # in place: the version changes
+        torch.testing.assert_close(conv(x), plain(), atol=1e-5, rtol=1e-5)
+        conv.load_state_dict(_conv(8, 8, 3, seed=1, padding=1).state_dict())
+        torch.testing.assert_close(conv(x), plain(), atol=1e-5, rtol=1e-5)
+        conv.weight = torch.nn.Parameter(torch.randn_like(conv.weight))  # a new tensor
+        torch.testing.assert_close(conv(x), plain(), atol=1e-5, rtol=1e-5)
+        conv.to(torch.bfloat16)
+        assert conv(x.bfloat16()).dtype == torch.bfloat16 and conv._packed[2].dtype == torch.bfloat16
+
+
+def test_packing_is_skipped_where_it_does_not_apply():
+    conv = _conv(4, 4, 3, padding=1)
+    x = torch.randn(1, 4, 5, 5, requires_grad=True)
+    conv(x).sum().backward()  # autograd: PyTorch's conv, gradients as usual
+    assert "_packed" not in conv.__dict__ and x.grad is not None and conv.weight.grad is not None
+    with torch.no_grad():
+        conv.half()(x.detach().half())  # float16: no oneDNN kernel on this CPU
+        assert "_packed" not in conv.__dict__
+        conv.float()
+        with torch.autocast("cpu", torch.bfloat16):  # autocast does not reach oneDNN's ops: PyTorch's bf16 conv
+            assert conv(x).dtype == torch.bfloat16 and "_packed" not in conv.__dict__
+        conv.packed = False
+        conv(x)
+        assert "_packed" not in conv.__dict__
+    with torch.inference_mode():
+        frozen = _conv(4, 4, 3, padding=1)  # inference-tensor weights: in-place changes would go unseen
+        frozen(x.detach())
+        assert "_packed" not in frozen.__dict__
+
+
+def test_packed_modules_copy_and_pickle_without_the_packed_weight(tmp_path):
+    import copy
+
+    model = torch.nn.Sequential(_conv(4, 8, 3, padding=1), layers.Upsample2D(8))
+    x = torch.randn(1, 4, 5, 5)
+    with torch.no_grad():
+        want = model(x)
+        assert all("_packed" in m.__dict__ for m in (model[0], model[1]))
+        clone = copy.deepcopy(model)
+        assert not any("_packed" in m.__dict__ for m in clone.modules())
+        torch.save(model, tmp_path / "model.pt")
+        loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+        assert torch.equal(clone(x), want) and torch.equal(loaded(x), want)
+
+
+def test_set_weight_packing_switches_every_layer_and_clears_the_kept_weights():
+    model = torch.nn.ModuleList([ResnetBlock2D(32, 64, temb_channels=16), Transformer2D(64, 2, 16, context_dim=24)])
+    x, temb, ctx = torch.randn(1, 32, 4, 4), torch.randn(1, 16), torch.randn(1, 5, 24)
+    run = lambda: model[1](model[0](x, temb), ctx)  # noqa: E731
+    with torch.no_grad():
+        packed = run()
+        resnet_convs = [model[0].conv1, model[0].conv2, model[0].conv_shortcut]
+        expected = sum(c.weight.numel() * 4 for c in resnet_convs)  # the transformer's 1x1 projections keep nothing
+        assert layers.packed_weight_bytes(model) == layers.kept_packed_bytes(model) == expected
+        layers.set_weight_packing(model, False)
+        assert layers.packed_weight_bytes(model) == layers.kept_packed_bytes(model) == 0
+        assert not any(m.packed for m in model.modules() if isinstance(m, (layers.Conv2d, layers.Linear)))
+        torch.testing.assert_close(run(), packed, atol=1e-5, rtol=1e-5)
+        assert layers.kept_packed_bytes(model) == 0
+        layers.set_weight_packing(model, True)
+        torch.testing.assert_close(run(), packed, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="enabled='no' must be True or False"):
+        layers.set_weight_packing(model, "no")
+
+
+def test_packed_weight_bytes_counts_the_fused_upsamplers_phase_kernel():
+    up = layers.Upsample2D(8)
+    with torch.no_grad():
+        up(torch.randn(1, 8, 4, 4))
+    assert layers.packed_weight_bytes(up) == up.fused_weight_bytes() == layers.kept_packed_bytes(up)
+    assert up._packed[2].numel() * 4 == up.fused_weight_bytes()
+    assert layers.packed_weight_bytes(up.half()) == 0

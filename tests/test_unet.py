@@ -9,7 +9,7 @@ import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
 from safetensors.torch import load_file, save_file
 
-from unnoise.models import load_diffusers, load_model, save_model
+from unnoise.models import layers, load_diffusers, load_model, save_model
 from unnoise.models.unet import UNet, UNetConfig
 
 ATOL = 1e-4
@@ -320,6 +320,21 @@ def test_gradient_checkpointing_same_outputs_and_gradients():
     (out_plain, grads_plain), (out_ckpt, grads_ckpt) = results
     assert torch.allclose(out_plain, out_ckpt, atol=1e-6)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads_plain, grads_ckpt))
+
+
+@torch.no_grad()
+def test_packed_weights_match_pytorch_kernels_and_keep_the_input_layout():
+    """CPU inference runs oneDNN on reordered weights (channels-last inside); the output has the input's layout."""
+    model = mixed_model()
+    x, cond = inputs(MIXED)
+    packed = model(x, 3, **cond)
+    assert layers.packed_weight_bytes(model) > 0 and packed.is_contiguous()
+    plain = copy.deepcopy(model)
+    layers.set_weight_packing(plain, False)
+    torch.testing.assert_close(packed, plain(x, 3, **cond), atol=1e-5, rtol=0)
+    last = model(x.to(memory_format=torch.channels_last), 3, **cond)
+    assert last.is_contiguous(memory_format=torch.channels_last) and not last.is_contiguous()
+    torch.testing.assert_close(last, packed, atol=1e-5, rtol=0)
 
 
 @torch.no_grad()

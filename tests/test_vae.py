@@ -12,7 +12,7 @@ from helpers import randomize
 from safetensors.torch import load_file, save_file
 
 from unnoise.models import load_diffusers, load_model, save_model
-from unnoise.models.layers import set_attention_mode
+from unnoise.models.layers import packed_weight_bytes, set_attention_mode, set_weight_packing
 from unnoise.models.vae import AutoencoderKL, AutoencoderKLConfig, _tile_starts, _tiled
 
 PARITY_ATOL = 1e-4  # fp32 acceptance bound against diffusers
@@ -285,6 +285,21 @@ def test_chunked_attention_and_channels_last_equal_default(vae):
     last = copy.deepcopy(vae).to(memory_format=torch.channels_last)
     torch.testing.assert_close(last.encode(x.to(memory_format=torch.channels_last)).mean, mean, atol=1e-5, rtol=0)
     torch.testing.assert_close(last.decode(z.to(memory_format=torch.channels_last)), image, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_packed_weights_match_pytorch_kernels_and_keep_the_input_layout(vae):
+    x, z = randn(2, 3, 16, 16, seed=18), randn(2, 4, 8, 8, seed=19)
+    plain = copy.deepcopy(vae)
+    set_weight_packing(plain, False)
+    posterior, image = vae.encode(x), vae.decode(z)
+    assert packed_weight_bytes(vae) > 0 and image.is_contiguous()
+    assert posterior.mean.stride() == plain.encode(x).mean.stride()  # a view of the moments, in x's layout
+    torch.testing.assert_close(posterior.mean, plain.encode(x).mean, atol=1e-5, rtol=0)
+    torch.testing.assert_close(posterior.std, plain.encode(x).std, atol=1e-5, rtol=0)
+    torch.testing.assert_close(image, plain.decode(z), atol=1e-5, rtol=0)
+    last = vae.decode(z.to(memory_format=torch.channels_last))
+    assert last.is_contiguous(memory_format=torch.channels_last) and not last.is_contiguous()
 
 
 @torch.no_grad()

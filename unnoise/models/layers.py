@@ -40,6 +40,104 @@ class GroupNorm32(nn.GroupNorm):
         return super().forward(x)
 
 
+# On the CPU without autograd, convolutions run oneDNN's kernel on a copy of the weight reordered once into its
+# blocked layout (``Conv2d``) instead of reordering it on every call: 0.7-0.85x the time of a 3x3 conv on 8x8 and
+# 4x4 maps with 384 channels, where the per-call reorder costs as much as the arithmetic. The copy stays resident
+# (the size of the conv weights; ``packed_weight_bytes``, counted by the serving VRAM planner). oneDNN writes
+# convolution results channels-last, which the following GroupNorm, attention (whose token view of a channels-last
+# map needs no copy) and convolutions take as they are; the models return their output in the input's layout.
+# Linear layers run oneDNN's matrix product with the bias inside it (``Linear``). Measured in
+# docs/benchmarks/models.md; ``set_weight_packing(model, False)`` keeps PyTorch's own kernels.
+PACKED_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def packing_applies(x: Tensor, weight: Tensor) -> bool:
+    """Whether ``packed_conv2d`` / ``onednn_linear`` can run: CPU, float32 or bfloat16 (where oneDNN supports it)
+    on both sides, no autograd, no autocast, not inside ``torch.compile`` (which fuses convolutions itself)."""
+    return (
+        not torch.compiler.is_compiling()
+        and x.device.type == "cpu"
+        and x.dtype == weight.dtype
+        and x.dtype in PACKED_DTYPES
+        and not torch.is_grad_enabled()
+        and not torch.is_autocast_enabled("cpu")  # autocast does not reach oneDNN's ops: PyTorch's own path
+        and torch.backends.mkldnn.is_available()
+        and (x.dtype != torch.bfloat16 or torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    )
+
+
+def packed_conv2d(
+    holder: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None, stride: tuple, padding: tuple
+) -> Tensor:
+    """``F.conv2d(x, weight, bias, stride, padding)`` from ``weight`` reordered once for ``x``'s shape and kept on
+    ``holder`` until the shape or the weight (its storage, version, dtype) changes. The reordered copy keeps a
+    reference to ``weight`` so that its storage cannot be freed and reused by another tensor under the same key.
+    An inference tensor has no version counter: pass one only where nothing changes it in place (a kernel this
+    module derived itself)."""
+    version = 0 if weight.is_inference() else weight._version
+    key = (weight.data_ptr(), version, weight.dtype, tuple(x.shape), tuple(stride), tuple(padding))
+    cached = holder.__dict__.get("_packed")
+    if cached is None or cached[0] != key or cached[1] is not weight:
+        with torch.no_grad():
+            packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
+                weight.detach().to_mkldnn(), list(padding), list(stride), [1, 1], 1, list(x.shape)
+            )
+        holder.__dict__["_packed"] = cached = (key, weight, packed)
+    return torch.ops.mkldnn._convolution_pointwise(
+        x, cached[2], bias, list(padding), list(stride), [1, 1], 1, "none", [], ""
+    )
+
+
+def onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``F.linear(x, weight.flatten(1), bias)`` through oneDNN (a 1x1 convolution's weight may be passed as it is),
+    which adds the bias inside the product where ``addmm`` first copies it into every output row. Unlike the
+    convolutions it needs no reordered copy of the weight: keeping one measured no faster."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight.flatten(1), bias, "none", [], "")
+
+
+class PackedHolder(nn.Module):
+    """A module that may keep a reordered weight (``packed_conv2d``): copies and pickles of it leave that behind
+    (a oneDNN-only tensor, rebuilt on the next call)."""
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_packed", None)
+        return state
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters, state-dict keys and results up to float rounding) whose CPU inference calls
+    run ``onednn_linear``; ``packed = False`` (``set_weight_packing``) keeps PyTorch's own path."""
+
+    packed = True
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.packed and x.ndim >= 2 and packing_applies(x, self.weight):
+            return onednn_linear(x, self.weight, self.bias)
+        return super().forward(x)
+
+
+class Conv2d(PackedHolder, nn.Conv2d):
+    """``nn.Conv2d`` (same parameters, state-dict keys and results up to float rounding) whose CPU inference calls
+    run ``packed_conv2d``; ``packed = False`` (``set_conv_packing``) keeps PyTorch's own path."""
+
+    packed = True
+
+    def forward(self, x: Tensor) -> Tensor:
+        if (
+            self.packed
+            and x.ndim == 4
+            and self.groups == 1
+            and self.padding_mode == "zeros"
+            and not isinstance(self.padding, str)
+            and self.dilation == (1, 1)
+            and not self.weight.is_inference()  # in-place changes to it would go unnoticed
+            and packing_applies(x, self.weight)
+        ):
+            return packed_conv2d(self, x, self.weight, self.bias, self.stride, self.padding)
+        return super().forward(x)
+
+
 def timestep_embedding(
     t: Tensor, dim: int, *, flip_sin_to_cos: bool = False, freq_shift: float = 1.0, max_period: float = 10000.0
 ) -> Tensor:
@@ -58,8 +156,8 @@ class TimestepEmbedding(nn.Module):
 
     def __init__(self, in_dim: int, dim: int):
         super().__init__()
-        self.linear_1 = nn.Linear(in_dim, dim)
-        self.linear_2 = nn.Linear(dim, dim)
+        self.linear_1 = Linear(in_dim, dim)
+        self.linear_2 = Linear(dim, dim)
 
     def forward(self, emb: Tensor) -> Tensor:
         return self.linear_2(F.silu(self.linear_1(emb)))
@@ -85,16 +183,16 @@ class ResnetBlock2D(nn.Module):
         self.time_embedding_norm = time_embedding_norm
         self.output_scale_factor = output_scale_factor
         self.norm1 = GroupNorm32(groups, in_channels, eps=eps)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
         if temb_channels is not None:
             proj_out = out_channels * 2 if time_embedding_norm == "scale_shift" else out_channels
-            self.time_emb_proj = nn.Linear(temb_channels, proj_out)
+            self.time_emb_proj = Linear(temb_channels, proj_out)
         else:
             self.time_emb_proj = None
         self.norm2 = GroupNorm32(groups, out_channels, eps=eps)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv_shortcut = Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: Tensor, temb: Tensor | None = None) -> Tensor:
         # Without autograd the block's own temporaries are updated in place: the same arithmetic with fewer fresh
@@ -130,7 +228,7 @@ class Downsample2D(nn.Module):
     def __init__(self, channels: int, *, use_conv: bool = True, padding: int = 1):
         super().__init__()
         self.padding = padding
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding) if use_conv else nn.AvgPool2d(2, 2)
+        self.conv = Conv2d(channels, channels, 3, stride=2, padding=padding) if use_conv else nn.AvgPool2d(2, 2)
 
     def forward(self, x: Tensor) -> Tensor:
         if isinstance(self.conv, nn.Conv2d) and self.padding == 0:
@@ -143,7 +241,7 @@ class Downsample2D(nn.Module):
 PHASE_CONV_DEVICES = ("cpu",)
 
 
-class Upsample2D(nn.Module):
+class Upsample2D(PackedHolder):
     """Double the resolution: nearest-neighbour interpolation, then a 3x3 conv.
 
     With ``fused`` (the default) the two run as one convolution on the low-resolution map. Every output pixel
@@ -158,9 +256,9 @@ class Upsample2D(nn.Module):
 
     def __init__(self, channels: int, *, use_conv: bool = True, fused: bool = True):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1) if use_conv else None
+        self.conv = Conv2d(channels, channels, 3, padding=1) if use_conv else None
         self.fused = fused
-        self._cache: tuple[tuple, Tensor] | None = None
+        self._cache: tuple[tuple, Tensor, Tensor] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         if self.conv is not None and self.fused:
@@ -188,16 +286,20 @@ class Upsample2D(nn.Module):
             self._cache = None
             return build(w)
         key = (kind, w.data_ptr(), w._version, w.dtype, w.device)
-        if self._cache is None or self._cache[0] != key:
-            with torch.no_grad():
-                self._cache = (key, build(w))
-        return self._cache[1]
+        if self._cache is None or self._cache[0] != key or self._cache[1] is not w:
+            with torch.no_grad():  # the entry holds w: its storage cannot be reused by another tensor under this key
+                self._cache = (key, w, build(w))
+        return self._cache[2]
 
     def _phase_forward(self, x: Tensor) -> Tensor:
         b, _, h, w = x.shape
         out_channels = self.conv.out_channels
         bias = self.conv.bias.repeat(4) if self.conv.bias is not None else None
-        y = F.conv2d(F.pad(x, (1, 1, 1, 1)), self._fused_weight("phase").to(x.dtype), bias)
+        kernel = self._fused_weight("phase").to(x.dtype)
+        if self.conv.packed and packing_applies(x, kernel):
+            y = packed_conv2d(self, x, kernel, bias, (1, 1), (1, 1))
+        else:
+            y = F.conv2d(x, kernel, bias, padding=1)
         layout = memory_format_of(y)  # the convolution's choice from x's strides (a 1x1 x is contiguous in both)
         y = y.unflatten(1, (2, 2, out_channels))  # (B, a, b, C, h + 1, w + 1)
         out = torch.empty(b, out_channels, 2 * h, 2 * w, dtype=y.dtype, device=y.device, memory_format=layout)
@@ -281,10 +383,10 @@ class Attention(nn.Module):
         self.heads = heads
         self.mode = "sdpa"
         self.chunk_size = 1024
-        self.to_q = nn.Linear(query_dim, inner, bias=bias)
-        self.to_k = nn.Linear(context_dim or query_dim, inner, bias=bias)
-        self.to_v = nn.Linear(context_dim or query_dim, inner, bias=bias)
-        self.to_out = nn.ModuleList([nn.Linear(inner, query_dim, bias=out_bias), nn.Dropout(dropout)])
+        self.to_q = Linear(query_dim, inner, bias=bias)
+        self.to_k = Linear(context_dim or query_dim, inner, bias=bias)
+        self.to_v = Linear(context_dim or query_dim, inner, bias=bias)
+        self.to_out = nn.ModuleList([Linear(inner, query_dim, bias=out_bias), nn.Dropout(dropout)])
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         context = x if context is None else context
@@ -326,7 +428,7 @@ class GEGLU(nn.Module):
 
     def __init__(self, dim_in: int, dim_out: int):
         super().__init__()
-        self.proj = nn.Linear(dim_in, dim_out * 2)
+        self.proj = Linear(dim_in, dim_out * 2)
 
     def forward(self, x: Tensor) -> Tensor:
         a, gate = self.proj(x).chunk(2, dim=-1)
@@ -340,7 +442,7 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0):
         super().__init__()
-        self.net = nn.ModuleList([GEGLU(dim, dim * mult), nn.Dropout(dropout), nn.Linear(dim * mult, dim)])
+        self.net = nn.ModuleList([GEGLU(dim, dim * mult), nn.Dropout(dropout), Linear(dim * mult, dim)])
 
     def forward(self, x: Tensor) -> Tensor:
         for layer in self.net:
@@ -386,7 +488,7 @@ class Transformer2D(nn.Module):
         inner = heads * dim_head
         self.use_linear_projection = use_linear_projection
         self.norm = GroupNorm32(groups, channels, eps=1e-6)
-        proj = nn.Linear if use_linear_projection else (lambda i, o: nn.Conv2d(i, o, 1))
+        proj = Linear if use_linear_projection else (lambda i, o: Conv2d(i, o, 1))
         self.proj_in = proj(channels, inner)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(inner, heads, dim_head, context_dim=context_dim, dropout=dropout)
@@ -396,20 +498,22 @@ class Transformer2D(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         b, c, h, w = x.shape
-        tokens = self.norm(x).permute(0, 2, 3, 1).reshape(b, h * w, c)
-        # A 1x1 convolution is a matrix product over channels: applied to the tokens as one (its weight viewed as
-        # (out, in)), it is the same arithmetic without oneDNN's layout reorders, up to 4x faster on the CPU.
-        tokens = F.linear(tokens, self.proj_in.weight.flatten(1), self.proj_in.bias)
+        tokens = self.norm(x).permute(0, 2, 3, 1).reshape(b, h * w, c)  # a view when x is channels-last
+        tokens = _project(self.proj_in, tokens)
         for block in self.transformer_blocks:
             tokens = block(tokens, context)
-        out = (
-            F.linear(tokens, self.proj_out.weight.flatten(1), self.proj_out.bias)
-            .reshape(b, h, w, c)
-            .permute(0, 3, 1, 2)
-        )
-        # Back to x's memory format: a channels-last result would make every later conv reorder its weights
-        # (measured: 2x the peak memory of a conv at 4x4 and 384 channels).
+        out = _project(self.proj_out, tokens).reshape(b, h, w, c).permute(0, 3, 1, 2)
         return _add(out.contiguous(memory_format=memory_format_of(x)), x, not torch.is_grad_enabled())
+
+
+def _project(layer: nn.Module, tokens: Tensor) -> Tensor:
+    """A projection on (B, N, C) tokens. A 1x1 convolution is a matrix product over channels: applied to the tokens
+    as one (its weight viewed as (out, in)) it is the same arithmetic without a convolution's layout reorders."""
+    if not isinstance(layer, Conv2d):
+        return layer(tokens)
+    if layer.packed and packing_applies(tokens, layer.weight):
+        return onednn_linear(tokens, layer.weight, layer.bias)
+    return F.linear(tokens, layer.weight.flatten(1), layer.bias)
 
 
 def memory_format_of(x: Tensor) -> torch.memory_format:
@@ -427,6 +531,46 @@ def set_upsample_fusion(module: nn.Module, enabled: bool) -> None:
     for layer in module.modules():
         if isinstance(layer, Upsample2D):
             layer.fused, layer._cache = enabled, None
+
+
+def packed_weight_bytes(module: nn.Module) -> int:
+    """Bytes of the reordered weights that the layers under ``module`` keep once it has run on the CPU without
+    autograd (``packed_conv2d``): one copy of each conv weight on the CPU in float32 or bfloat16, of the fused phase
+    kernel for a fused ``Upsample2D``; 0 on other devices or with packing switched off. The 1x1 projections of a
+    ``Transformer2D`` run as matrix products on tokens and keep nothing."""
+    fused = {id(m.conv): m for m in module.modules() if isinstance(m, Upsample2D) and m.conv is not None}
+    projections = {id(p) for m in module.modules() if isinstance(m, Transformer2D) for p in (m.proj_in, m.proj_out)}
+    total = 0
+    for layer in module.modules():
+        if not isinstance(layer, Conv2d) or not layer.packed or id(layer) in projections:
+            continue
+        w = layer.weight
+        if w.device.type != "cpu" or w.dtype not in PACKED_DTYPES:
+            continue
+        upsampler = fused.get(id(layer))
+        total += (
+            upsampler.fused_weight_bytes()
+            if upsampler is not None and upsampler.fused
+            else w.numel() * w.element_size()
+        )
+    return total
+
+
+def kept_packed_bytes(module: nn.Module) -> int:
+    """Bytes of the reordered weights the layers under ``module`` hold now (what ``packed_weight_bytes`` plans)."""
+    return sum(m._packed[1].numel() * m._packed[1].element_size() for m in module.modules() if "_packed" in m.__dict__)
+
+
+def set_weight_packing(module: nn.Module, enabled: bool) -> None:
+    """Run every ``Conv2d`` and ``Linear`` under ``module`` from weights reordered once for oneDNN (``True``, the
+    default; CPU inference only, see ``packed_conv2d``) or through PyTorch's own kernels (``False``)."""
+    if not isinstance(enabled, bool):
+        raise ValueError(f"enabled={enabled!r} must be True or False")
+    for layer in module.modules():
+        if isinstance(layer, (Conv2d, Linear)):
+            layer.packed = enabled
+        if not enabled:
+            layer.__dict__.pop("_packed", None)
 
 
 def set_attention_mode(module: nn.Module, mode: str, chunk_size: int = 1024) -> None:

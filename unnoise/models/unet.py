@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from unnoise.models.config import ModelConfig
 from unnoise.models.layers import (
+    Conv2d,
     Downsample2D,
     GroupNorm32,
     ResnetBlock2D,
@@ -26,6 +27,7 @@ from unnoise.models.layers import (
     TimestepEmbedding,
     Transformer2D,
     Upsample2D,
+    memory_format_of,
     set_attention_mode,
     timestep_embedding,
 )
@@ -263,7 +265,7 @@ class UNet(nn.Module):
         self.config = config
         self.gradient_checkpointing = False
         ch = config.block_out_channels
-        self.conv_in = nn.Conv2d(config.in_channels, ch[0], 3, padding=1)
+        self.conv_in = Conv2d(config.in_channels, ch[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(ch[0], config.time_embed_dim)
         n_class = config.num_class_embeds
         self.class_embedding = nn.Embedding(n_class, config.time_embed_dim) if n_class else None
@@ -272,7 +274,7 @@ class UNet(nn.Module):
         self.mid_block = self._mid_block() if config.mid_block_type else None
         self.up_blocks = nn.ModuleList(self._up_block(i, skip_channels) for i in range(len(ch)))
         self.conv_norm_out = GroupNorm32(config.norm_num_groups, ch[0], eps=config.norm_eps)
-        self.conv_out = nn.Conv2d(ch[0], config.out_channels, 3, padding=1)
+        self.conv_out = Conv2d(ch[0], config.out_channels, 3, padding=1)
 
     def _resnet(self, in_ch: int, out_ch: int, scale: float = 1.0) -> ResnetBlock2D:
         c = self.config
@@ -367,7 +369,8 @@ class UNet(nn.Module):
             n = len(block.resnets)
             h = self._run(block, h, skips[-n:], temb, context)
             del skips[-n:]
-        return self.conv_out(F.silu(self.conv_norm_out(h), inplace=not torch.is_grad_enabled())).to(x.dtype)
+        out = self.conv_out(F.silu(self.conv_norm_out(h), inplace=not torch.is_grad_enabled()))
+        return out.to(x.dtype).contiguous(memory_format=memory_format_of(x))  # packed convs answer channels-last
 
     def _run(self, block: nn.Module, *args: Any) -> Any:
         if self.gradient_checkpointing and torch.is_grad_enabled():

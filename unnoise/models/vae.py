@@ -21,7 +21,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from unnoise.models.config import ModelConfig
-from unnoise.models.layers import Downsample2D, GroupNorm32, ResnetBlock2D, SpatialAttention, Upsample2D
+from unnoise.models.layers import (
+    Conv2d,
+    Downsample2D,
+    GroupNorm32,
+    ResnetBlock2D,
+    SpatialAttention,
+    Upsample2D,
+    memory_format_of,
+)
 from unnoise.noise import Generator, randn_like
 
 
@@ -167,7 +175,7 @@ class Encoder(nn.Module):
     def __init__(self, config: AutoencoderKLConfig):
         super().__init__()
         channels, groups = config.block_out_channels, config.norm_num_groups
-        self.conv_in = nn.Conv2d(config.in_channels, channels[0], 3, padding=1)
+        self.conv_in = Conv2d(config.in_channels, channels[0], 3, padding=1)
         self.down_blocks = nn.ModuleList(
             DownEncoderBlock(
                 channels[max(i - 1, 0)],
@@ -180,7 +188,7 @@ class Encoder(nn.Module):
         )
         self.mid_block = MidBlock(channels[-1], groups=groups, attention=config.mid_block_add_attention)
         self.conv_norm_out = GroupNorm32(groups, channels[-1], eps=1e-6)
-        self.conv_out = nn.Conv2d(channels[-1], 2 * config.latent_channels, 3, padding=1)
+        self.conv_out = Conv2d(channels[-1], 2 * config.latent_channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.conv_in(x)
@@ -196,7 +204,7 @@ class Decoder(nn.Module):
     def __init__(self, config: AutoencoderKLConfig):
         super().__init__()
         channels, groups = tuple(reversed(config.block_out_channels)), config.norm_num_groups
-        self.conv_in = nn.Conv2d(config.latent_channels, channels[0], 3, padding=1)
+        self.conv_in = Conv2d(config.latent_channels, channels[0], 3, padding=1)
         self.mid_block = MidBlock(channels[0], groups=groups, attention=config.mid_block_add_attention)
         self.up_blocks = nn.ModuleList(
             UpDecoderBlock(
@@ -209,7 +217,7 @@ class Decoder(nn.Module):
             for i in range(len(channels))
         )
         self.conv_norm_out = GroupNorm32(groups, channels[-1], eps=1e-6)
-        self.conv_out = nn.Conv2d(channels[-1], config.out_channels, 3, padding=1)
+        self.conv_out = Conv2d(channels[-1], config.out_channels, 3, padding=1)
 
     def forward(self, z: Tensor) -> Tensor:
         x = self.mid_block(self.conv_in(z))
@@ -254,8 +262,8 @@ class AutoencoderKL(nn.Module):
         latent = config.latent_channels
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
-        self.quant_conv = nn.Conv2d(2 * latent, 2 * latent, 1) if config.use_quant_conv else None
-        self.post_quant_conv = nn.Conv2d(latent, latent, 1) if config.use_post_quant_conv else None
+        self.quant_conv = Conv2d(2 * latent, 2 * latent, 1) if config.use_quant_conv else None
+        self.post_quant_conv = Conv2d(latent, latent, 1) if config.use_post_quant_conv else None
         self.use_slicing = False
         self.tile_size: int | None = None  # pixels; None: tiling off
         self.tile_overlap = 0  # pixels
@@ -306,7 +314,8 @@ class AutoencoderKL(nn.Module):
             )
         x = x.to(self.dtype)
         parts = x.split(1) if self.use_slicing else (x,)
-        return DiagonalGaussian(torch.cat([self._encode(part) for part in parts]))
+        moments = torch.cat([self._encode(part) for part in parts])
+        return DiagonalGaussian(moments.contiguous(memory_format=memory_format_of(x)))  # packed convs: channels-last
 
     def decode(self, z: Tensor) -> Tensor:
         """Raw (unscaled) latents (B, latent_channels, h, w) to images (B, out_channels, h * factor, w * factor)."""
@@ -315,7 +324,8 @@ class AutoencoderKL(nn.Module):
             raise ValueError(f"z has shape {tuple(z.shape)}; expected (batch, {c}, height, width)")
         z = z.to(self.dtype)
         parts = z.split(1) if self.use_slicing else (z,)
-        return torch.cat([self._decode(part) for part in parts])
+        images = torch.cat([self._decode(part) for part in parts])
+        return images.contiguous(memory_format=memory_format_of(z))  # packed convs answer channels-last
 
     def _moments(self, x: Tensor) -> Tensor:
         moments = self.encoder(x)

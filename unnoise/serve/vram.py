@@ -21,7 +21,7 @@ from typing import Any
 
 from torch import nn
 
-from unnoise.models.layers import Upsample2D
+from unnoise.models.layers import Upsample2D, packed_weight_bytes
 from unnoise.models.unet import DOWN_BLOCKS, MID_BLOCKS, UP_BLOCKS, UNetConfig
 from unnoise.models.vae import AutoencoderKLConfig
 
@@ -139,14 +139,20 @@ class VramPlanner:
 
     def __init__(self, pipe: Any, budget: int, max_batch: int):
         self.pipe, self.budget, self.limit = pipe, int(budget), int(max_batch)
-        # plus the phase weights fused upsamplers keep between calls (unnoise.models.layers.Upsample2D)
+        # plus the phase weights fused upsamplers keep between calls (unnoise.models.layers.Upsample2D) and, on the
+        # CPU, the weights reordered once for oneDNN (unnoise.models.layers.packed_conv2d)
         upsamplers = [m for model in (pipe.unet, pipe.vae) for m in model.modules() if isinstance(m, Upsample2D)]
-        self.weights = module_bytes(pipe.unet, pipe.vae, pipe.text_encoder) + sum(
-            m.fused_weight_bytes() for m in upsamplers
+        self.weights = (
+            module_bytes(pipe.unet, pipe.vae, pipe.text_encoder)
+            + sum(m.fused_weight_bytes() for m in upsamplers)
+            + packed_weight_bytes(pipe.unet)
+            + packed_weight_bytes(pipe.vae)
         )
         # kernels' workspaces: a convolution may copy (reorder) its weight or unfold its input (im2col)
         self.unet_workspace = max(WORKSPACE, *(p.numel() * p.element_size() for p in pipe.unet.parameters()))
         self.vae_workspace = max(WORKSPACE, *(p.numel() * p.element_size() for p in pipe.vae.decoder.parameters()))
+        # oneDNN's convolutions on reordered weights read the channels-last maps in place: no input workspace
+        self.vae_conv_workspace = not packed_weight_bytes(pipe.vae.decoder)
 
     def estimate(self, batch: int, width: int, height: int, *, cfg: bool = True) -> MemoryEstimate:
         """Peak bytes of generating ``batch`` images of ``width`` x ``height`` (with classifier-free guidance)."""
@@ -164,7 +170,9 @@ class VramPlanner:
         itemsize = next(pipe.vae.parameters()).element_size()
         # a convolution's workspace (cuDNN's algorithm scratch, an im2col buffer) is up to about one image's largest
         # input map: measured on an H100 at SD-1.5's 512x512 decode, batch 1 (benchmarks/gpu.py)
-        vae_bytes = vae * itemsize + self.vae_workspace + decoder_largest_map(pipe.vae.config, h, w) * itemsize
+        vae_bytes = vae * itemsize + self.vae_workspace
+        if self.vae_conv_workspace:
+            vae_bytes += decoder_largest_map(pipe.vae.config, h, w) * itemsize
         return MemoryEstimate(self.weights, sampler, unet_bytes, vae_bytes)
 
     def max_batch(self, width: int, height: int) -> int:
