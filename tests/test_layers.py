@@ -100,6 +100,23 @@ def test_geglu_inference_path_equals_the_autograd_path():
     assert x.grad is not None
 
 
+@pytest.mark.parametrize("rows", [7, 15, 16, None])
+def test_feed_forward_in_token_chunks_equals_the_whole_sequence(rows, monkeypatch):
+    """Without autograd the MLP runs over chunks of ``chunk_rows`` tokens (batch items together): every token's
+    result is the one the whole (B, N, C) sequence gives, whether the chunks divide it or not."""
+    layer = layers.FeedForward(16)
+    x = torch.randn(3, 5, 16)
+    expected = layer(x).detach()  # autograd: the whole sequence at once
+    calls = []
+    monkeypatch.setattr(layer, "_mlp", lambda t, f=layer._mlp: calls.append(t.shape[0]) or f(t))
+    layer.chunk_rows = rows
+    with torch.no_grad():
+        got = layer(x)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+    assert got.shape == x.shape
+    assert calls == ([3] if rows in (15, 16, None) else [7, 7, 1])  # [3]: one call on the whole (3, 5, 16) input
+
+
 def test_attention_modes_agree_and_auto_dispatches_by_length(monkeypatch):
     from unnoise.models import layers
 
@@ -388,3 +405,96 @@ def test_packed_weight_bytes_counts_the_fused_upsamplers_phase_kernel():
     assert layers.packed_weight_bytes(up) == up.fused_weight_bytes() == layers.kept_packed_bytes(up)
     assert up._packed[2].numel() * 4 == up.fused_weight_bytes()
     assert layers.packed_weight_bytes(up.half()) == 0
+
+
+def _in_place_conv(seed: int = 0) -> layers.Conv2d:
+    conv = _conv(8, 16, 3, seed=seed, padding=1)
+    layers.set_weight_packing(conv, True, in_place=True)
+    return conv
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_in_place_packing_replaces_the_weight_and_gives_it_back_bit_for_bit(dtype):
+    conv = _in_place_conv().to(dtype)
+    weight, plain = conv.weight, conv.weight.detach().clone()
+    x = torch.randn(2, 8, 6, 6, dtype=dtype)
+    want = F.conv2d(x, plain, conv.bias, padding=1)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    with torch.inference_mode():
+        got = conv(x)
+        assert conv.weight is weight and weight.is_mkldnn and "_packed" not in conv.__dict__  # no copy beside it
+        torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+        other = torch.randn(1, 8, 10, 10, dtype=dtype)  # another input shape: packed again for it
+        torch.testing.assert_close(conv(other), F.conv2d(other, plain, conv.bias, padding=1), atol=tol, rtol=tol)
+        assert torch.equal(conv(x), got)
+    assert layers.packed_weight_bytes(conv) == layers.kept_packed_bytes(conv) == 0
+    state = conv.state_dict()["weight"]
+    assert not state.is_mkldnn and torch.equal(state, plain) and weight.is_mkldnn  # saving leaves it packed
+    conv.unpack_in_place()
+    assert conv.weight is weight and not weight.is_mkldnn and weight.requires_grad and torch.equal(weight, plain)
+
+
+def test_in_place_packed_weight_trains_again_as_the_same_parameter():
+    conv = _in_place_conv()
+    optimizer = torch.optim.SGD(conv.parameters(), lr=0.1)
+    x = torch.randn(1, 8, 5, 5)
+    conv(x).sum().backward()
+    grad = conv.weight.grad.clone()
+    with torch.no_grad():
+        conv(x)  # an inference call between backward and step (a preview, say) packs the weight
+    assert conv.weight.is_mkldnn and conv.weight.grad is None
+    conv(x).sum().backward()  # autograd: the plain weight, its gradient and requires_grad come back first
+    assert not conv.weight.is_mkldnn and conv.weight.requires_grad
+    torch.testing.assert_close(conv.weight.grad, 2 * grad)
+    before = conv.weight.detach().clone()
+    optimizer.step()  # the optimizer's parameter is still the module's
+    torch.testing.assert_close(conv.weight.detach(), before - 0.1 * 2 * grad)
+
+
+def test_in_place_packed_weight_comes_back_for_every_other_use(tmp_path):
+    import copy
+
+    x = torch.randn(1, 8, 5, 5)
+    reference = _conv(8, 16, 3, padding=1)
+    uses = {
+        "autocast": lambda c: torch.autocast("cpu", torch.bfloat16)(c)(x),
+        "float16": lambda c: c.half()(x.half()),
+        "to": lambda c: c.to(torch.float64),
+        "load_state_dict": lambda c: c.load_state_dict(_conv(8, 16, 3, seed=1, padding=1).state_dict()),
+        "unpacked": lambda c: layers.set_weight_packing(c, True),
+    }
+    for name, use in uses.items():
+        conv = _in_place_conv()
+        with torch.no_grad():
+            conv(x)
+            assert conv.weight.is_mkldnn
+            use(conv)
+        assert not conv.weight.is_mkldnn, name
+    conv = _in_place_conv()
+    with torch.no_grad():
+        want = conv(x)
+        for clone in (copy.deepcopy(conv), torch.load(_saved(conv, tmp_path), weights_only=False)):
+            assert not clone.weight.is_mkldnn and clone.weight.requires_grad and conv.weight.is_mkldnn
+            assert torch.equal(clone.weight, reference.weight) and torch.equal(clone(x), want)
+        conv.weight.grad = None
+        up = layers.Upsample2D(8)
+        layers.set_weight_packing(up, True, in_place=True)
+        layers.set_upsample_fusion(up, False)
+        up(x)  # unfused: the 3x3 conv is packed in place
+        assert up.conv.weight.is_mkldnn
+        layers.set_upsample_fusion(up, True)
+        up(x)  # the fused kernel is built from the plain weight
+        assert not up.conv.weight.is_mkldnn
+
+
+def _saved(module, tmp_path):
+    path = tmp_path / "module.pt"
+    torch.save(module, path)
+    return path
+
+
+def test_set_weight_packing_rejects_in_place_without_packing():
+    with pytest.raises(ValueError, match="in_place=True packs weights: it needs enabled=True"):
+        layers.set_weight_packing(_conv(2, 2, 1), False, in_place=True)
+    with pytest.raises(ValueError, match="in_place=1 must be True or False"):
+        layers.set_weight_packing(_conv(2, 2, 1), True, in_place=1)

@@ -337,6 +337,29 @@ def test_packed_weights_match_pytorch_kernels_and_keep_the_input_layout():
     torch.testing.assert_close(last, packed, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_weights_packed_in_place_match_and_keep_no_copy(fused):
+    """``set_weight_packing(model, True, in_place=True)``: the same outputs with nothing kept beside the weights but
+    fused upsamplers' phase kernels; the state dict still holds the plain weights."""
+    model = mixed_model()
+    layers.set_upsample_fusion(model, fused)
+    plain_state = copy.deepcopy(model.state_dict())
+    x, cond = inputs(MIXED)
+    with torch.no_grad():
+        want = model(x, 3, **cond)
+        layers.set_weight_packing(model, True, in_place=True)
+        got = model(x, 3, **cond)
+        again = model(x, 3, **cond)
+    assert any(m.weight.is_mkldnn for m in model.modules() if isinstance(m, layers.Conv2d))
+    phase_kernels = sum(m.fused_weight_bytes() for m in model.modules() if isinstance(m, layers.Upsample2D))
+    assert layers.packed_weight_bytes(model) == layers.kept_packed_bytes(model) == phase_kernels
+    assert (phase_kernels > 0) == fused
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert torch.equal(again, got)
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in plain_state.items())
+
+
 @torch.no_grad()
 def test_channels_last_matches():
     model = mixed_model()

@@ -4,7 +4,11 @@ Submodule names follow diffusers' ``UNet2DModel`` and ``UNet2DConditionModel``, 
 identity key map (``io.load_diffusers``); ``UNetConfig.from_diffusers`` translates their ``config.json``.
 Upsamplers run nearest 2x + 3x3 conv as one convolution on the low-resolution map (``layers.Upsample2D``; 4 instead
 of 9 multiply-adds per output pixel, equal up to float rounding); ``layers.set_upsample_fusion(unet, False)``
-restores the two steps.
+restores the two steps. On the CPU without autograd, convolutions run from weights reordered once for oneDNN and
+linear layers through oneDNN's matrix product (``layers.packed_conv2d``: a resident copy of the conv weights, the
+feature maps channels-last inside, the output in the input's layout); ``layers.set_weight_packing(unet, True,
+in_place=True)`` packs each conv weight in place of the plain one instead (no copy: for models that only run
+inference) and ``layers.set_weight_packing(unet, False)`` keeps PyTorch's own kernels.
 """
 
 from __future__ import annotations

@@ -4,9 +4,11 @@ State-dict keys are those of diffusers' ``AutoencoderKL`` (``encoder.down_blocks
 so Stable Diffusion 1.x/2.x ``vae/`` folders load through ``unnoise.models.io.load_diffusers`` unchanged.
 Memory options: ``enable_slicing`` (one image at a time), ``enable_tiling`` (overlapping tiles blended with
 linear ramps), ``layers.set_attention_mode(vae, "chunked")``, ``vae.to(torch.bfloat16)`` (GroupNorm statistics
-stay float32), ``vae.to(memory_format=torch.channels_last)`` and ``layers.set_upsample_fusion(vae, False)`` (the
-decoder's upsamplers run as one convolution on the low-resolution map by default: 0.87x diffusers' decode time
-on the CPU, see docs/benchmarks/models.md).
+stay float32), ``vae.to(memory_format=torch.channels_last)``, ``layers.set_upsample_fusion(vae, False)`` (the
+decoder's upsamplers run as one convolution on the low-resolution map by default) and
+``layers.set_weight_packing(vae, False)`` (by default CPU inference runs its convolutions from weights reordered once
+for oneDNN, a resident copy of the conv weights; ``set_weight_packing(vae, True, in_place=True)`` packs them in
+place instead). These settings are measured against diffusers' decode in docs/benchmarks/models.md.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ Peak = weights + the sampler's latents + the larger of two phases that never ove
 classifier-free-guidance batch (2B) and the VAE decode of B images. Each phase is estimated by walking its blocks
 in forward order and keeping what is alive at once: the skip tensors the U-Net holds for its up path, plus the
 working set of the current block (a residual block's input and two temporaries; a transformer block's tokens and
-its GEGLU feed-forward, 8x then 4x + 4x the width; an upsampler's input and its 4x-larger output and conv).
+its GEGLU feed-forward's 8x- and 4x-wide temporaries, over one chunk of tokens on the CPU (``FeedForward``); an
+upsampler's input and its 4x-larger output and conv).
 Fused SDPA kernels (flash / memory-efficient, on CPU and CUDA) hold no N x N score matrix, so attention adds its
 q, k, v and output; ``chunked`` attention adds one (heads, chunk, N) block of scores. The VAE decode adds one
 image's largest convolution input as workspace (cuDNN's algorithm scratch at batch 1, an im2col buffer on CPU).
@@ -21,14 +22,15 @@ from typing import Any
 
 from torch import nn
 
-from unnoise.models.layers import Upsample2D, packed_weight_bytes
+from unnoise.models.layers import Upsample2D, feed_forward_chunk_rows, packed_weight_bytes
 from unnoise.models.unet import DOWN_BLOCKS, MID_BLOCKS, UP_BLOCKS, UNetConfig
 from unnoise.models.vae import AutoencoderKLConfig
 
 GIB = 2**30
 # Elements alive per element of a block's feature map (calibrated against the profiler, see the module docstring).
 RESNET_LIVE = 3  # input, norm/activation temporary, conv output
-TRANSFORMER_LIVE = 20  # residual tokens, norm, GEGLU projection (8x), gelu (4x), product (4x), output
+TRANSFORMER_LIVE = 8  # residual tokens, norm, attention and feed-forward outputs
+FEED_FORWARD_LIVE = 12  # per token of a feed-forward chunk: GEGLU projection (8x), gelu (4x, then the product)
 ATTENTION_LIVE = 5  # normalized input, q, k, v, output
 SAMPLER_COPIES = 8  # float32 latents the sampler and guidance keep: x, denoised, cat([x, x]), history
 FLOAT32 = 4
@@ -69,8 +71,18 @@ def _attention_live(tokens: int, width: int, heads: int, mode: str, chunk: int) 
     return ATTENTION_LIVE * tokens * width + scores
 
 
-def unet_activations(config: UNetConfig, h: int, w: int, context: int, mode: str = "sdpa", chunk: int = 1024) -> int:
-    """Peak elements alive in one U-Net forward of one image at latent size h x w (multiply by batch and itemsize)."""
+def unet_activations(
+    config: UNetConfig,
+    h: int,
+    w: int,
+    context: int,
+    mode: str = "sdpa",
+    chunk: int = 1024,
+    ff_rows: int | None = None,
+) -> int:
+    """Peak elements alive in one U-Net forward of one image at latent size h x w (multiply by batch and itemsize).
+    ``ff_rows``: the image's tokens in one feed-forward chunk (``layers.FeedForward.chunk_rows`` over the batch;
+    None: all of them)."""
     ch, n = config.block_out_channels, len(config.block_out_channels)
     layers = config.per_block("layers_per_block")
     tokens = [math.ceil(h / 2**i) * math.ceil(w / 2**i) for i in range(n)]
@@ -83,7 +95,8 @@ def unet_activations(config: UNetConfig, h: int, w: int, context: int, mode: str
             inner = heads * dim
             attn = _attention_live(t, inner, heads, mode, chunk)
             cross = heads * t * context if kind == "cross" else 0
-            live = max(live, TRANSFORMER_LIVE * t * inner + attn + cross + t * c)
+            ff = FEED_FORWARD_LIVE * min(t, ff_rows or t) * inner
+            live = max(live, TRANSFORMER_LIVE * t * inner + ff + attn + cross + t * c)
         return live
 
     skips = [ch[0] * tokens[0]]  # conv_in output
@@ -162,7 +175,9 @@ class VramPlanner:
         mode, chunk = _attention_mode(pipe.unet)
         context = pipe.text_encoder.max_length
         unet_batch = 2 * batch if cfg else batch
-        unet = unet_batch * unet_activations(pipe.unet.config, h, w, context, mode, chunk)
+        rows = feed_forward_chunk_rows(pipe.unet, next(pipe.unet.parameters()).device)
+        ff_rows = None if rows is None else math.ceil(rows / unet_batch)  # a chunk spans the batch's tokens
+        unet = unet_batch * unet_activations(pipe.unet.config, h, w, context, mode, chunk, ff_rows)
         vae_batch = 1 if getattr(pipe.vae, "use_slicing", False) else batch
         vae = vae_batch * decoder_activations(pipe.vae.config, h, w, *_attention_mode(pipe.vae))
         sampler = SAMPLER_COPIES * batch * pipe.vae.config.latent_channels * h * w * FLOAT32
