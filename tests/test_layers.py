@@ -182,12 +182,13 @@ def fused_path(request, monkeypatch):
 
 @pytest.mark.parametrize("shape", [(1, 8, 5, 7), (3, 16, 8, 8), (2, 4, 1, 1)])
 @pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("packed", [True, False])
+@pytest.mark.parametrize("packed", [True, False, "in_place"])
 def test_fused_upsample_equals_interpolate_then_conv(fused_path, shape, channels_last, packed):
     """One convolution on the low-resolution map = nearest 2x then the 3x3 conv, with the weights packed for oneDNN
-    (the CPU's default) or not."""
+    (the CPU's default; beside the weights or in place of them) or not."""
     fused, plain = _upsamplers(shape[1])
-    layers.set_weight_packing(fused, packed), layers.set_weight_packing(plain, packed)
+    for module in (fused, plain):
+        layers.set_weight_packing(module, bool(packed), in_place=packed == "in_place")
     x = torch.randn(shape)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
@@ -234,8 +235,10 @@ def test_fused_upsample_phase_weights_by_hand():
         layers.upsample_phase_weight(torch.zeros(1, 1, 5, 5))
 
 
-def test_fused_upsample_gradients_equal_and_kept_weights_follow_changes(fused_path):
+@pytest.mark.parametrize("in_place", [False, True])
+def test_fused_upsample_gradients_equal_and_kept_weights_follow_changes(fused_path, in_place):
     fused, plain = _upsamplers(6, seed=1)
+    layers.set_weight_packing(fused, True, in_place=in_place)
     x = torch.randn(2, 6, 4, 5, requires_grad=True)
     x2 = x.detach().clone().requires_grad_()
     g = torch.randn(2, 6, 8, 10)
@@ -257,7 +260,12 @@ def test_fused_upsample_gradients_equal_and_kept_weights_follow_changes(fused_pa
         got, want = fused(y.bfloat16()), plain(y.bfloat16())
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want.float(), atol=0.05, rtol=0.02)
-    assert fused.fused_weight_bytes() == 16 * 6 * 6 * 2 and plain.fused_weight_bytes() == 0
+    assert plain.fused_weight_bytes() == 0 and fused.phase_kernel_bytes() == 16 * 6 * 6 * 2
+    if in_place and fused_path == "phase":  # only the packed phase kernel is kept
+        assert fused._cache is None and fused.fused_weight_bytes() == 0
+        assert layers.kept_packed_bytes(fused) == layers.packed_weight_bytes(fused) == fused.phase_kernel_bytes()
+    else:
+        assert fused.fused_weight_bytes() == fused.phase_kernel_bytes()
 
 
 def test_set_upsample_fusion_switches_every_upsampler():

@@ -340,7 +340,7 @@ def test_packed_weights_match_pytorch_kernels_and_keep_the_input_layout():
 @pytest.mark.parametrize("fused", [True, False])
 def test_weights_packed_in_place_match_and_keep_no_copy(fused):
     """``set_weight_packing(model, True, in_place=True)``: the same outputs with nothing kept beside the weights but
-    fused upsamplers' phase kernels; the state dict still holds the plain weights."""
+    fused upsamplers' packed phase kernels (not their plain ones); the state dict still holds the plain weights."""
     model = mixed_model()
     layers.set_upsample_fusion(model, fused)
     plain_state = copy.deepcopy(model.state_dict())
@@ -351,9 +351,10 @@ def test_weights_packed_in_place_match_and_keep_no_copy(fused):
         got = model(x, 3, **cond)
         again = model(x, 3, **cond)
     assert any(m.weight.is_mkldnn for m in model.modules() if isinstance(m, layers.Conv2d))
-    phase_kernels = sum(m.fused_weight_bytes() for m in model.modules() if isinstance(m, layers.Upsample2D))
+    upsamplers = [m for m in model.modules() if isinstance(m, layers.Upsample2D) and m.conv is not None]
+    phase_kernels = sum(m.phase_kernel_bytes() for m in upsamplers) if fused else 0
     assert layers.packed_weight_bytes(model) == layers.kept_packed_bytes(model) == phase_kernels
-    assert (phase_kernels > 0) == fused
+    assert upsamplers and all(m._cache is None and m.fused_weight_bytes() == 0 for m in upsamplers)  # packed only
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     assert torch.equal(again, got)
     state = model.state_dict()
@@ -387,6 +388,11 @@ def test_compile_matches():
     expected = model(x, 3, **cond)
     compiled = copy.deepcopy(model).compile(backend="aot_eager", dynamic=False)
     assert torch.allclose(compiled(x, 3, **cond), expected, atol=1e-5)
+    layers.set_weight_packing(model, True, in_place=True)
+    model(x, 3, **cond)  # packs the conv weights in place, which torch.compile cannot trace: compile unpacks them
+    model.compile(backend="aot_eager", dynamic=False)
+    assert torch.allclose(model(x, 3, **cond), expected, atol=1e-5)
+    assert not any(m.weight.is_mkldnn or m.pack_in_place for m in model.modules() if isinstance(m, layers.Conv2d))
 
 
 @pytest.mark.slow

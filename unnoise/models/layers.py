@@ -127,7 +127,8 @@ class Conv2d(PackedHolder, nn.Conv2d):
     with its ``requires_grad`` and ``grad``: a call with autograd, autocast, another dtype or device, or inside
     ``torch.compile``; ``state_dict`` (which always holds the plain weight), ``load_state_dict``, ``.to()`` and its
     kin, copies and pickles. Code that reads the parameter directly between inference calls (an EMA update, say)
-    sees a oneDNN tensor: call ``unpack_in_place`` or ``set_weight_packing(model, True)`` first. Where the parameter
+    sees a oneDNN tensor, and ``torch.compile`` cannot trace one: call ``unpack_in_place`` or
+    ``set_weight_packing(model, True)`` first (``UNet.compile`` does). Where the parameter
     cannot be swapped (something holds a weak reference to it) the conv runs PyTorch's kernel instead.
     """
 
@@ -335,7 +336,8 @@ class Upsample2D(PackedHolder):
     stride-2 transposed convolution with a 4x4 kernel, which writes the interleaved output itself; on the CPU one
     2x2 convolution with the four phases as output channels, then a copy that interleaves them (faster there).
     Without gradients the fused kernel is kept between calls (16/9 of the conv weight; ``fused_weight_bytes``) and
-    rebuilt when the weight changes.
+    rebuilt when the weight changes. With the conv packed in place (``Conv2d.pack_in_place``) on the CPU only the
+    kernel reordered for oneDNN is kept, built straight from the conv weight.
     """
 
     def __init__(self, channels: int, *, use_conv: bool = True, fused: bool = True):
@@ -357,11 +359,26 @@ class Upsample2D(PackedHolder):
         return self.conv(x) if self.conv is not None else x
 
     def fused_weight_bytes(self) -> int:
-        """Bytes of the fused kernel kept between calls without gradients (0 when not fused)."""
-        if self.conv is None or not self.fused:
+        """Bytes of the plain fused kernel kept between calls without gradients (0 when not fused, or where only
+        its packed copy is kept: ``packed_weight_bytes`` counts that one)."""
+        if self.conv is None or not self.fused or self._packs_phase_in_place(self.conv.weight):
             return 0
+        return self.phase_kernel_bytes()
+
+    def phase_kernel_bytes(self) -> int:
+        """Bytes of the fused kernel: 16 taps per (output, input) channel pair."""
         w = self.conv.weight
         return 16 * w.shape[0] * w.shape[1] * w.element_size()
+
+    def _packs_phase_in_place(self, w: Tensor) -> bool:
+        conv = self.conv
+        return (
+            conv.packed
+            and conv.pack_in_place
+            and w.device.type in PHASE_CONV_DEVICES
+            and w.dtype in PACKED_DTYPES
+            and not w.is_inference()
+        )
 
     def _fused_weight(self, kind: str) -> Tensor:
         self.conv.unpack_in_place()  # run unfused with ``pack_in_place`` before
@@ -376,15 +393,37 @@ class Upsample2D(PackedHolder):
                 self._cache = (key, w, build(w))
         return self._cache[2]
 
+    def _packed_phase_kernel(self, x: Tensor) -> Tensor:
+        """The phase kernel reordered for ``x``'s shape, kept without the plain kernel and rebuilt when the conv
+        weight changes (the entry holds the weight, so its storage cannot be reused under the same key)."""
+        w = self.conv.weight
+        key = ("phase", w.data_ptr(), w._version, w.dtype, tuple(x.shape))
+        cached = self.__dict__.get("_packed")
+        if cached is None or cached[0] != key or cached[1] is not w:
+            self._cache = None
+            with torch.no_grad():
+                packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
+                    upsample_phase_weight(w).to_mkldnn(), [1, 1], [1, 1], [1, 1], 1, list(x.shape)
+                )
+            self.__dict__["_packed"] = cached = (key, w, packed)
+        return cached[2]
+
     def _phase_forward(self, x: Tensor) -> Tensor:
         b, _, h, w = x.shape
         out_channels = self.conv.out_channels
         bias = self.conv.bias.repeat(4) if self.conv.bias is not None else None
-        kernel = self._fused_weight("phase").to(x.dtype)
-        if self.conv.packed and packing_applies(x, kernel):
-            y = packed_conv2d(self, x, kernel, bias, (1, 1), (1, 1))
+        self.conv.unpack_in_place()  # run unfused with ``pack_in_place`` before
+        weight = self.conv.weight
+        if self._packs_phase_in_place(weight) and packing_applies(x, weight):
+            y = torch.ops.mkldnn._convolution_pointwise(
+                x, self._packed_phase_kernel(x), bias, [1, 1], [1, 1], [1, 1], 1, "none", [], ""
+            )
         else:
-            y = F.conv2d(x, kernel, bias, padding=1)
+            kernel = self._fused_weight("phase").to(x.dtype)
+            if self.conv.packed and packing_applies(x, kernel):
+                y = packed_conv2d(self, x, kernel, bias, (1, 1), (1, 1))
+            else:
+                y = F.conv2d(x, kernel, bias, padding=1)
         layout = memory_format_of(y)  # the convolution's choice from x's strides (a 1x1 x is contiguous in both)
         y = y.unflatten(1, (2, 2, out_channels))  # (B, a, b, C, h + 1, w + 1)
         out = torch.empty(b, out_channels, 2 * h, 2 * w, dtype=y.dtype, device=y.device, memory_format=layout)
@@ -662,7 +701,7 @@ def packed_weight_bytes(module: nn.Module) -> int:
         if layer.pack_in_place and (upsampler is None or not upsampler.fused):
             continue
         total += (
-            upsampler.fused_weight_bytes()
+            upsampler.phase_kernel_bytes()
             if upsampler is not None and upsampler.fused
             else w.numel() * w.element_size()
         )
@@ -671,7 +710,8 @@ def packed_weight_bytes(module: nn.Module) -> int:
 
 def kept_packed_bytes(module: nn.Module) -> int:
     """Bytes of the reordered weights the layers under ``module`` hold now (what ``packed_weight_bytes`` plans)."""
-    return sum(m._packed[1].numel() * m._packed[1].element_size() for m in module.modules() if "_packed" in m.__dict__)
+    packs = [m._packed[2] for m in module.modules() if "_packed" in m.__dict__]
+    return sum(p.numel() * p.element_size() for p in packs)
 
 
 def set_weight_packing(module: nn.Module, enabled: bool, *, in_place: bool = False) -> None:

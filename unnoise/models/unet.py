@@ -427,6 +427,12 @@ class UNet(nn.Module):
         return self
 
     def compile(self, *args: Any, **kwargs: Any) -> UNet:
-        """Compile ``forward`` in place with ``torch.compile`` (arguments go to it); returns self."""
+        """Compile ``forward`` in place with ``torch.compile`` (arguments go to it); returns self. Weights packed in
+        place (``layers.set_weight_packing(..., in_place=True)``) are unpacked first: compiled code fuses its
+        convolutions itself and never runs the packed path."""
+        for layer in self.modules():
+            if isinstance(layer, Conv2d):
+                layer.unpack_in_place()
+                layer.pack_in_place = False
         super().compile(*args, **kwargs)
         return self
