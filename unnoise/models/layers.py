@@ -7,6 +7,7 @@ Submodule names follow the diffusers layout (``norm1``, ``conv1``, ``time_emb_pr
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -66,26 +67,43 @@ def packing_applies(x: Tensor, weight: Tensor) -> bool:
     )
 
 
+def reorder_conv_weight(weight: Tensor, input_shape: tuple, stride: tuple, padding: tuple) -> Tensor:
+    """``weight`` as a oneDNN tensor in the blocked layout its convolution of an ``input_shape`` input reads."""
+    return torch._C._nn.mkldnn_reorder_conv2d_weight(
+        weight.detach().to_mkldnn(), list(padding), list(stride), [1, 1], 1, list(input_shape)
+    )
+
+
+def onednn_conv2d(x: Tensor, packed: Tensor, bias: Tensor | None, stride: tuple, padding: tuple) -> Tensor:
+    """oneDNN's convolution of ``x`` with a weight from ``reorder_conv_weight`` (channels-last output)."""
+    return torch.ops.mkldnn._convolution_pointwise(
+        x, packed, bias, list(padding), list(stride), [1, 1], 1, "none", [], ""
+    )
+
+
 def packed_conv2d(
-    holder: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None, stride: tuple, padding: tuple
+    holder: nn.Module,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride: tuple,
+    padding: tuple,
+    derive: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """``F.conv2d(x, weight, bias, stride, padding)`` from ``weight`` reordered once for ``x``'s shape and kept on
-    ``holder`` until the shape or the weight (its storage, version, dtype) changes. The reordered copy keeps a
-    reference to ``weight`` so that its storage cannot be freed and reused by another tensor under the same key.
-    An inference tensor has no version counter: pass one only where nothing changes it in place (a kernel this
-    module derived itself)."""
+    ``holder`` until the shape or the weight (its storage, version, dtype) changes; with ``derive``, the
+    convolution's weight is ``derive(weight)``, built and reordered without keeping the plain result. The reordered
+    copy keeps a reference to ``weight`` so that its storage cannot be freed and reused by another tensor under the
+    same key. An inference tensor has no version counter: pass one only where nothing changes it in place (a kernel
+    this module derived itself)."""
     version = 0 if weight.is_inference() else weight._version
-    key = (weight.data_ptr(), version, weight.dtype, tuple(x.shape), tuple(stride), tuple(padding))
+    key = (derive, weight.data_ptr(), version, weight.dtype, tuple(x.shape), tuple(stride), tuple(padding))
     cached = holder.__dict__.get("_packed")
     if cached is None or cached[0] != key or cached[1] is not weight:
         with torch.no_grad():
-            packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
-                weight.detach().to_mkldnn(), list(padding), list(stride), [1, 1], 1, list(x.shape)
-            )
+            packed = reorder_conv_weight(weight if derive is None else derive(weight), x.shape, stride, padding)
         holder.__dict__["_packed"] = cached = (key, weight, packed)
-    return torch.ops.mkldnn._convolution_pointwise(
-        x, cached[2], bias, list(padding), list(stride), [1, 1], 1, "none", [], ""
-    )
+    return onednn_conv2d(x, cached[2], bias, stride, padding)
 
 
 def onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -143,20 +161,17 @@ class Conv2d(PackedHolder, nn.Conv2d):
             and self.padding_mode == "zeros"
             and not isinstance(self.padding, str)
             and self.dilation == (1, 1)
+            and not self.weight.is_inference()  # no version counter: in-place changes to it would go unnoticed
             and packing_applies(x, self.weight)
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        weight = self.weight
-        if weight.is_mkldnn:
-            if self.pack_in_place and self._packable(x):
-                return self._in_place_conv(x)
-            self.unpack_in_place()
-        elif self.pack_in_place and not weight.is_inference() and self._packable(x):
+        packable = self._packable(x)
+        if packable and self.pack_in_place:
             return self._in_place_conv(x)
-        # an inference tensor has no version counter: in-place changes to it would go unnoticed
-        if not weight.is_inference() and self._packable(x):
-            return packed_conv2d(self, x, weight, self.bias, self.stride, self.padding)
+        self.unpack_in_place()
+        if packable:
+            return packed_conv2d(self, x, self.weight, self.bias, self.stride, self.padding)
         return super().forward(x)
 
     def _in_place_conv(self, x: Tensor) -> Tensor:
@@ -164,18 +179,14 @@ class Conv2d(PackedHolder, nn.Conv2d):
         if not weight.is_mkldnn or self.__dict__.get("_in_place_key") != key:
             state = self.__dict__.get("_plain_state") or (weight.requires_grad, weight.grad)
             with torch.inference_mode(False), torch.no_grad():  # a parameter cannot be an inference tensor
-                plain = weight.to_dense() if weight.is_mkldnn else weight.detach()
-                packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
-                    plain.to_mkldnn(), list(self.padding), list(self.stride), [1, 1], 1, list(x.shape)
-                )
+                plain = weight.to_dense() if weight.is_mkldnn else weight
+                packed = reorder_conv_weight(plain, x.shape, self.stride, self.padding)
                 if not self._swap(nn.Parameter(packed, requires_grad=False)):
                     return super().forward(x)  # something holds a weak reference to the parameter: PyTorch's path
             self.__dict__["_plain_state"] = state
             self.__dict__.pop("_packed", None)
             self.__dict__["_in_place_key"] = key
-        return torch.ops.mkldnn._convolution_pointwise(
-            x, weight, self.bias, list(self.padding), list(self.stride), [1, 1], 1, "none", [], ""
-        )
+        return onednn_conv2d(x, weight, self.bias, self.stride, self.padding)
 
     def _swap(self, replacement: nn.Parameter) -> bool:
         """Give the ``weight`` parameter object ``replacement``'s contents (optimizers and hooks that hold it keep
@@ -348,6 +359,7 @@ class Upsample2D(PackedHolder):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.conv is not None and self.fused:
+            self.conv.unpack_in_place()  # it may have run unfused with ``pack_in_place`` before
             if x.device.type in PHASE_CONV_DEVICES:
                 return self._phase_forward(x)
             kernel = self._fused_weight("transposed").to(x.dtype)
@@ -381,7 +393,6 @@ class Upsample2D(PackedHolder):
         )
 
     def _fused_weight(self, kind: str) -> Tensor:
-        self.conv.unpack_in_place()  # run unfused with ``pack_in_place`` before
         w = self.conv.weight
         build = upsample_conv_weight if kind == "transposed" else upsample_phase_weight
         if (torch.is_grad_enabled() and w.requires_grad) or w.is_inference():  # inference tensors have no version
@@ -393,31 +404,14 @@ class Upsample2D(PackedHolder):
                 self._cache = (key, w, build(w))
         return self._cache[2]
 
-    def _packed_phase_kernel(self, x: Tensor) -> Tensor:
-        """The phase kernel reordered for ``x``'s shape, kept without the plain kernel and rebuilt when the conv
-        weight changes (the entry holds the weight, so its storage cannot be reused under the same key)."""
-        w = self.conv.weight
-        key = ("phase", w.data_ptr(), w._version, w.dtype, tuple(x.shape))
-        cached = self.__dict__.get("_packed")
-        if cached is None or cached[0] != key or cached[1] is not w:
-            self._cache = None
-            with torch.no_grad():
-                packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
-                    upsample_phase_weight(w).to_mkldnn(), [1, 1], [1, 1], [1, 1], 1, list(x.shape)
-                )
-            self.__dict__["_packed"] = cached = (key, w, packed)
-        return cached[2]
-
     def _phase_forward(self, x: Tensor) -> Tensor:
         b, _, h, w = x.shape
         out_channels = self.conv.out_channels
         bias = self.conv.bias.repeat(4) if self.conv.bias is not None else None
-        self.conv.unpack_in_place()  # run unfused with ``pack_in_place`` before
         weight = self.conv.weight
         if self._packs_phase_in_place(weight) and packing_applies(x, weight):
-            y = torch.ops.mkldnn._convolution_pointwise(
-                x, self._packed_phase_kernel(x), bias, [1, 1], [1, 1], [1, 1], 1, "none", [], ""
-            )
+            self._cache = None  # only the packed kernel is kept, derived from the conv weight
+            y = packed_conv2d(self, x, weight, bias, (1, 1), (1, 1), derive=upsample_phase_weight)
         else:
             kernel = self._fused_weight("phase").to(x.dtype)
             if self.conv.packed and packing_applies(x, kernel):
