@@ -30,14 +30,14 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from unnoise.denoisers import VPDenoiser  # noqa: E402
-from unnoise.guidance import CFGDenoiser  # noqa: E402
+from unnoise.core.denoisers import VPDenoiser  # noqa: E402
+from unnoise.core.guidance import CFGDenoiser  # noqa: E402
+from unnoise.core.samplers import sample  # noqa: E402
+from unnoise.core.schedules import VPSchedule  # noqa: E402
 from unnoise.models.io import diffusers_key, load_state  # noqa: E402
 from unnoise.models.layers import set_upsample_fusion, set_weight_packing  # noqa: E402
 from unnoise.models.unet import UNet, UNetConfig  # noqa: E402
 from unnoise.models.vae import AutoencoderKL, AutoencoderKLConfig  # noqa: E402
-from unnoise.samplers import sample  # noqa: E402
-from unnoise.schedules import VPSchedule  # noqa: E402
 
 # Stable Diffusion 1.5's published unet/ and vae/ config.json (architecture only).
 SD15_UNET = {

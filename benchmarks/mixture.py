@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from unnoise.denoisers import per_sample_sigma
-from unnoise.schedules import VPSchedule, append_dims
+from unnoise.core.denoisers import per_sample_sigma
+from unnoise.core.schedules import VPSchedule, append_dims
 
 
 class MixtureDenoiser:

@@ -35,7 +35,7 @@ from unnoise.eval.report import metric_values, plot, sweep_table  # noqa: E402
 from unnoise.eval.samples import SamplePlan, digit_plan, generated_batches  # noqa: E402
 from unnoise.models.classifier import SHIPPED_WEIGHTS  # noqa: E402
 from unnoise.pipeline import Pipeline  # noqa: E402
-from unnoise.pipeline_io import DEFAULT_MODEL  # noqa: E402
+from unnoise.pipeline.loading import DEFAULT_MODEL  # noqa: E402
 from unnoise.train.distributed import World  # noqa: E402
 
 COMMAND = "python benchmarks/quality.py"

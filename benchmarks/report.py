@@ -179,7 +179,7 @@ NOTES = [
     "Euler with linspace spacing passes fractional timesteps whose sigma it interpolates linearly in t, while "
     "the model here (like `VPSchedule` and diffusers' own `_sigma_to_t`) interpolates log-sigma, which shows "
     "at NFE 50 (`Euler` vs our `euler linspace`).",
-    "- `gauss_pc` (unnoise.samplers): an exponential Adams-Bashforth multistep of order 3 with exact "
+    "- `gauss_pc` (unnoise.core.samplers): an exponential Adams-Bashforth multistep of order 3 with exact "
     "phi-integrals and an Adams-Moulton corrector one order higher that reuses the next evaluation (UniPC's "
     "idea, no extra NFE), run in the variables of a Gaussian prior of std sigma_data (the denoiser's, 0.5 here): "
     "`tau = log(sigma_data^2 + sigma^2) / 2` and `G = (v D - sigma_data^2 x) / sigma^2` with "

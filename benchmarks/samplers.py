@@ -24,9 +24,9 @@ from benchmarks.diffusers_runs import DIFFUSERS_CONFIGS, DiffusersConfig, run_di
 from benchmarks.mixture import EpsilonModel, MixtureDenoiser  # noqa: E402
 from benchmarks.report import write_report  # noqa: E402
 from unnoise import samplers  # noqa: E402
+from unnoise.core.denoisers import VPDenoiser  # noqa: E402
+from unnoise.core.schedules import VPSchedule, karras_sigmas  # noqa: E402
 from unnoise.data import load_mnist  # noqa: E402
-from unnoise.denoisers import VPDenoiser  # noqa: E402
-from unnoise.schedules import VPSchedule, karras_sigmas  # noqa: E402
 
 NFES = (5, 10, 20, 50)
 EXTRA_SEEDS = (10, 20, 30, 40)  # more problems for the NFE-10 headline, whose RMSE hangs on a few mode switches

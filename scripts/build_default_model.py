@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from unnoise.eval.adherence import digit_adherence
 from unnoise.models.classifier import load_classifier
 from unnoise.pipeline import Pipeline
-from unnoise.pipeline_io import DEFAULT_MODEL
+from unnoise.pipeline.loading import DEFAULT_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = {"vae": ROOT / "runs" / "mnist-vae", "ldm": ROOT / "runs" / "mnist-ldm"}

@@ -11,8 +11,8 @@ from benchmarks import samplers as bench  # noqa: E402
 from benchmarks.diffusers_runs import DIFFUSERS_CONFIGS  # noqa: E402
 from benchmarks.mixture import EpsilonModel, MixtureDenoiser  # noqa: E402
 from unnoise import samplers  # noqa: E402
-from unnoise.denoisers import VPDenoiser  # noqa: E402
-from unnoise.schedules import VPSchedule, karras_sigmas, tau_sigmas  # noqa: E402
+from unnoise.core.denoisers import VPDenoiser  # noqa: E402
+from unnoise.core.schedules import VPSchedule, karras_sigmas, tau_sigmas  # noqa: E402
 
 
 def _plain_posterior_mean(centers, std, x, sigma):

@@ -14,7 +14,7 @@ from helpers import SD_SCHEDULE, run_cli, tiny_components
 from PIL import Image
 
 from unnoise import cli
-from unnoise.png import read_png_parameters, save_png
+from unnoise.pipeline.png import read_png_parameters, save_png
 
 SIZE = 32  # the tiny model's latent factor is 8
 

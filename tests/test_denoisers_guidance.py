@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from unnoise.denoisers import EDMDenoiser, FlowDenoiser, VPDenoiser, flow_sigmas, score
-from unnoise.guidance import CFGDenoiser
-from unnoise.schedules import VPSchedule
+from unnoise.core.denoisers import EDMDenoiser, FlowDenoiser, VPDenoiser, flow_sigmas, score
+from unnoise.core.guidance import CFGDenoiser
+from unnoise.core.schedules import VPSchedule
 
 SCHEDULE = VPSchedule.from_betas("scaled_linear", beta_start=0.00085, beta_end=0.012)
 

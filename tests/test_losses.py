@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from unnoise.denoisers import EDMDenoiser, FlowDenoiser, VPDenoiser
-from unnoise.losses import (
+from unnoise.core.denoisers import EDMDenoiser, FlowDenoiser, VPDenoiser
+from unnoise.core.losses import (
     OBJECTIVES,
     WEIGHTINGS,
     DiffusionLoss,
@@ -23,7 +23,7 @@ from unnoise.losses import (
     objective_factor,
     vp_loss,
 )
-from unnoise.schedules import VPSchedule
+from unnoise.core.schedules import VPSchedule
 
 SHAPE = (6, 2, 3, 3)
 SCHEDULE = VPSchedule.from_betas("linear", 1000)

@@ -10,9 +10,9 @@ import diffusers
 import pytest
 import torch
 
-from unnoise.denoisers import VPDenoiser
-from unnoise.samplers import sample
-from unnoise.schedules import VPSchedule
+from unnoise.core.denoisers import VPDenoiser
+from unnoise.core.samplers import sample
+from unnoise.core.schedules import VPSchedule
 
 SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
 SHAPE = (2, 3, 4, 4)
@@ -291,7 +291,7 @@ def test_dpmpp_2m_sde_matches_diffusers_with_same_noise(prediction, spacing):
 
 
 def test_add_noise_matches_diffusers():
-    from unnoise.schedules import add_noise
+    from unnoise.core.schedules import add_noise
 
     sched = diffusers.DDPMScheduler(**SD_BETAS)
     x0, eps = noise(1), noise(2)

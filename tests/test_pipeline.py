@@ -12,11 +12,11 @@ from helpers import SD_SCHEDULE, SD_SCHEDULER, SIZE, randomize, tiny_components,
 from PIL import Image
 
 from unnoise import Pipeline
-from unnoise.denoisers import VPDenoiser
+from unnoise.core.denoisers import VPDenoiser
 from unnoise.models.text import MiniLMEncoder, PromptTruncatedWarning
 from unnoise.models.unet import UNet, UNetConfig
-from unnoise.pipeline import GenerationCancelled
-from unnoise.pipeline_io import (
+from unnoise.pipeline import (
+    GenerationCancelled,
     PipelineConfig,
     SamplingConfig,
     ScheduleConfig,
@@ -24,7 +24,7 @@ from unnoise.pipeline_io import (
     sampling_grid,
     translate_scheduler,
 )
-from unnoise.png import call_arguments, parse_parameters, read_png_parameters, save_png
+from unnoise.pipeline.png import call_arguments, parse_parameters, read_png_parameters, save_png
 
 PROMPT, NEGATIVE = "a red cat", "blue dog"
 SCHEDULERS = {

@@ -9,8 +9,9 @@ from PIL import Image
 from test_metrics import tiny_clip
 from transformers import CLIPModel, CLIPProcessor
 
-from unnoise.png import format_parameters
+from unnoise.pipeline.png import format_parameters
 from unnoise.safety import (
+    PROVENANCE_INFO,
     CLIPConceptFilter,
     Concept,
     ImageVerdict,
@@ -19,7 +20,6 @@ from unnoise.safety import (
     apply_action,
     image_verdict,
     load_concepts,
-    read_provenance,
 )
 from unnoise.safety.prompt_filter import DATA
 
@@ -92,14 +92,14 @@ def test_safety_stage_returns_every_image_with_its_verdict(clip_folder):
         picture.info["parameters"] = format_parameters(dict(prompt="p", steps=1, seed=1, width=48, height=40))
     out = checker.finish(pictures)
     assert len(out) == 3 and all(image_verdict(i).flagged for i in out)
-    assert read_provenance(out[0].info["parameters"])["Image filter"].startswith("flagged (image matches concept")
+    assert out[0].info[PROVENANCE_INFO]["Image filter"].startswith("flagged (image matches concept")
     assert np.array_equal(np.asarray(out[0]), np.asarray(pictures[0]))  # too small to watermark; pixels untouched
     delivered = checker.deliver(out[0])
     assert delivered is not None and not np.array_equal(np.asarray(delivered), np.asarray(out[0]))
     checker.image_filter = CLIPConceptFilter(checker.image_filter.embedder, [Concept("abc", "sexual", 1.01)])
     passed = checker.finish(pictures)[0]
     assert not image_verdict(passed).flagged and checker.deliver(passed) is passed
-    assert read_provenance(passed.info["parameters"])["Image filter"] == "passed"
+    assert passed.info[PROVENANCE_INFO]["Image filter"] == "passed"
     no_filter = SafetyChecker.from_config(SafetyConfig(prompt_filter=False))
     assert no_filter.image_filter is None and not no_filter.check_image(pictures[0]).flagged
     adapter = checker.as_content_filter()

@@ -14,8 +14,9 @@ import pytest
 import torch
 from helpers import run_cli
 
+from unnoise import cli_safety as cli
 from unnoise.models.text import TextEmbedding
-from unnoise.safety import PromptBlocked, PromptFilter, SafetyChecker, SafetyConfig, StaleCalibrationWarning, cli
+from unnoise.safety import PromptBlocked, PromptFilter, SafetyChecker, SafetyConfig, StaleCalibrationWarning
 from unnoise.safety.calibrate import MIN_THRESHOLD, calibrate, load_calibration, write_calibration
 from unnoise.safety.normalize import normalize
 from unnoise.safety.prompt_filter import DATA

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from PIL import Image
 from test_safety_prompt import run_safety_cli
 
-from unnoise.png import format_parameters, parse_parameters, save_png
-from unnoise.safety import SafetyChecker, SafetyConfig, WatermarkTooSmall, detect, embed, read_provenance
+from unnoise.pipeline.png import format_parameters, parse_parameters, save_png
+from unnoise.safety import PROVENANCE_INFO, SafetyChecker, SafetyConfig, WatermarkTooSmall, detect, embed
 from unnoise.safety.watermark import DEFAULT_PAYLOAD, MIN_SIDE, _crc16, bit_accuracy
 
 PAYLOAD = 0xC0FFEE42
@@ -116,15 +116,15 @@ def test_finish_watermarks_and_records_provenance():
     small.info["parameters"], large.info["parameters"] = parameters(32), parameters(256)
     out_small, out_large = checker.finish([small, large])
     assert np.array_equal(np.asarray(out_small), np.asarray(small))
-    assert read_provenance(out_small.info["parameters"]) == {
+    assert out_small.info[PROVENANCE_INFO] == {
         "Watermark": "none (32x32 is below the 256 px minimum side)",
         "Image filter": "off",
     }
-    assert read_provenance(out_large.info["parameters"])["Watermark"] == "unnoise DWT-DCT v1 payload 0x554e4e31"
+    assert out_large.info[PROVENANCE_INFO]["Watermark"] == "unnoise DWT-DCT v1 payload 0x554e4e31"
     assert detect(out_large).detected
     assert parse_parameters(out_large.info["parameters"])["seed"] == 7  # the settings are kept
     off = SafetyChecker(SafetyConfig(watermark=False)).finish([large])[0]
-    assert read_provenance(off.info["parameters"])["Watermark"] == "none (watermarking is off)"
+    assert off.info[PROVENANCE_INFO]["Watermark"] == "none (watermarking is off)"
     assert not detect(off).detected
 
 

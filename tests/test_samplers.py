@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from unnoise.denoisers import EDMDenoiser, FlowDenoiser, VPDenoiser, flow_sigmas
-from unnoise.samplers import SAMPLERS, STOCHASTIC, ancestral_step, nfe, sample
-from unnoise.schedules import VPSchedule, karras_sigmas, tau_sigmas
+from unnoise.core.denoisers import EDMDenoiser, FlowDenoiser, VPDenoiser, flow_sigmas
+from unnoise.core.samplers import SAMPLERS, STOCHASTIC, ancestral_step, nfe, sample
+from unnoise.core.schedules import VPSchedule, karras_sigmas, tau_sigmas
 
 S = 0.5  # data std
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from unnoise.schedules import (
+from unnoise.core.schedules import (
     SPACINGS,
     VPSchedule,
     add_noise,

@@ -25,8 +25,8 @@ from unnoise import Pipeline
 from unnoise.models.text import MiniLMEncoder
 from unnoise.models.unet import UNet, UNetConfig
 from unnoise.models.vae import AutoencoderKL, AutoencoderKLConfig
-from unnoise.pipeline_io import PipelineConfig, SamplingConfig, TextEncoderConfig
-from unnoise.png import parse_parameters
+from unnoise.pipeline.config import PipelineConfig, SamplingConfig, TextEncoderConfig
+from unnoise.pipeline.png import parse_parameters
 from unnoise.serve.config import DEFAULT_MODEL, ServeConfig
 
 ROOT = Path(__file__).resolve().parents[1]

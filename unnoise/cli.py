@@ -21,15 +21,15 @@ from typing import Any, NoReturn
 import torch
 from PIL import Image
 
+from unnoise.cli_safety import add_parser as add_safety_parser
+from unnoise.core.samplers import SAMPLERS
+from unnoise.core.schedules import SPACINGS
 from unnoise.eval.cli import add_parser as add_eval_parser
 from unnoise.models.text import MiniLMEncoder
 from unnoise.pipeline import Pipeline
-from unnoise.pipeline_io import DEFAULT_MODEL
-from unnoise.png import call_arguments, make_grid, parse_parameters, read_png_parameters, save_png
+from unnoise.pipeline.loading import DEFAULT_MODEL
+from unnoise.pipeline.png import call_arguments, make_grid, parse_parameters, read_png_parameters, save_png
 from unnoise.safety import PROVENANCE_KEYS, SafetyChecker, SafetyConfig, image_verdict
-from unnoise.safety.cli import add_parser as add_safety_parser
-from unnoise.samplers import SAMPLERS
-from unnoise.schedules import SPACINGS
 from unnoise.serve.cli import add_parser as add_serve_parser
 from unnoise.usage import UsageError, user_errors
 

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from unnoise.core.samplers import SAMPLERS
+from unnoise.core.schedules import SPACINGS
 from unnoise.eval.evaluate import (
     Context,
     Progress,
@@ -37,9 +39,7 @@ from unnoise.eval.report import require_matplotlib, write_eval, write_sweep
 from unnoise.eval.samples import SamplePlan, digit_plan, prompt_plan, read_prompts
 from unnoise.metrics import RESIZE_MODES, WEIGHTS_ENV, CLIPEmbedder
 from unnoise.pipeline import Pipeline
-from unnoise.pipeline_io import DEFAULT_MODEL
-from unnoise.samplers import SAMPLERS
-from unnoise.schedules import SPACINGS
+from unnoise.pipeline.loading import DEFAULT_MODEL
 from unnoise.train.distributed import World, setup, teardown
 from unnoise.usage import UsageError, user_errors
 

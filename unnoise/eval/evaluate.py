@@ -16,12 +16,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from unnoise.core.samplers import nfe
 from unnoise.eval.measure import Measurements, Scorers, gather, measure, score
 from unnoise.eval.reference import Floor, RealSet
 from unnoise.eval.samples import SampleBatch, SamplePlan, folder_batches, generated_batches, shard
 from unnoise.pipeline import Pipeline
-from unnoise.pipeline_inputs import resolve_request
-from unnoise.samplers import nfe
+from unnoise.pipeline.inputs import resolve_request
 from unnoise.train.distributed import World
 
 Progress = Callable[[str], None]

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from unnoise.data.captions import TEMPLATES, caption
 from unnoise.eval.images import open_image, to_uint8
-from unnoise.png import parse_parameters
+from unnoise.pipeline.png import parse_parameters
 
 # Every caption the digit prompts use, to read the label of an image folder's PNGs back from their parameters.
 CAPTION_DIGITS = {caption(d, t): d for d in range(10) for t in range(len(TEMPLATES))}

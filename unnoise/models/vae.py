@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from unnoise.core.noise import Generator, randn_like
 from unnoise.models.config import ModelConfig
 from unnoise.models.layers import (
     Conv2d,
@@ -32,7 +33,6 @@ from unnoise.models.layers import (
     Upsample2D,
     memory_format_of,
 )
-from unnoise.noise import Generator, randn_like
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

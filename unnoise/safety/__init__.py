@@ -23,13 +23,14 @@ from unnoise.safety.image_filter import (
 )
 from unnoise.safety.normalize import normalize
 from unnoise.safety.prompt_filter import CATEGORIES, PromptFilter, StaleCalibrationWarning, Verdict
-from unnoise.safety.provenance import PROVENANCE_KEYS, add_provenance, read_provenance
+from unnoise.safety.provenance import PROVENANCE_INFO, PROVENANCE_KEYS
 from unnoise.safety.watermark import Detection, WatermarkTooSmall, detect, embed
 
 __all__ = [
     "CATEGORIES",
     "IMAGE_ACTIONS",
     "INFO_KEY",
+    "PROVENANCE_INFO",
     "PROVENANCE_KEYS",
     "CLIPConceptFilter",
     "Concept",
@@ -44,12 +45,10 @@ __all__ = [
     "StaleCalibrationWarning",
     "Verdict",
     "WatermarkTooSmall",
-    "add_provenance",
     "apply_action",
     "detect",
     "embed",
     "image_verdict",
     "load_concepts",
     "normalize",
-    "read_provenance",
 ]

@@ -25,7 +25,7 @@ from unnoise.safety.image_filter import (
     apply_action,
 )
 from unnoise.safety.prompt_filter import DATA, PromptFilter, Verdict
-from unnoise.safety.provenance import IMAGE_FILTER, WATERMARK, add_provenance, image_filter_note, watermark_note
+from unnoise.safety.provenance import IMAGE_FILTER, PROVENANCE_INFO, WATERMARK, image_filter_note, watermark_note
 from unnoise.safety.semantic import SentenceEncoder
 from unnoise.safety.watermark import DEFAULT_KEY, DEFAULT_PAYLOAD, PAYLOAD_BITS
 
@@ -113,7 +113,7 @@ class SafetyChecker:
             marked, note = self._watermark(image)
             if verdict is not None:
                 marked.info[INFO_KEY] = verdict
-            add_provenance(marked, {WATERMARK: note, IMAGE_FILTER: image_filter_note(verdict)})
+            marked.info[PROVENANCE_INFO] = {WATERMARK: note, IMAGE_FILTER: image_filter_note(verdict)}
             out.append(marked)
         return out
 

@@ -18,10 +18,10 @@ from typing import Any
 import torch
 from PIL import Image
 
-from unnoise.denoisers import VPDenoiser
-from unnoise.guidance import CFGDenoiser
-from unnoise.pipeline import Pipeline, _UNetModel
-from unnoise.pipeline_inputs import Request, resolve_request
+from unnoise.core.denoisers import VPDenoiser
+from unnoise.core.guidance import CFGDenoiser
+from unnoise.pipeline.inputs import Request, resolve_request
+from unnoise.pipeline.pipeline import Pipeline, _UNetModel
 from unnoise.serve.validation import GenerationSpec
 
 # step(step, total, sigma) -> True stops the whole run (Pipeline raises GenerationCancelled).

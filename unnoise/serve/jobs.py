@@ -94,7 +94,7 @@ def job_view(record: dict[str, Any], base_url: str) -> dict[str, Any]:
 
 
 def png_bytes(image: Image.Image) -> bytes:
-    """``image`` as PNG bytes with its ``parameters`` text chunk, as ``unnoise.png.save_png`` writes files."""
+    """``image`` as PNG bytes with its ``parameters`` text chunk, as ``unnoise.pipeline.png.save_png`` writes files."""
     info = PngImagePlugin.PngInfo()
     if image.info.get("parameters") is not None:
         info.add_text("parameters", image.info["parameters"])

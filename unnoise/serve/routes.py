@@ -18,8 +18,8 @@ from typing import Any
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from unnoise.png import A1111_SAMPLERS
-from unnoise.samplers import SAMPLERS
+from unnoise.core.samplers import SAMPLERS
+from unnoise.pipeline.png import A1111_SAMPLERS
 from unnoise.serve.engine import Engine
 from unnoise.serve.jobs import Job, job_view
 from unnoise.serve.schemas import (

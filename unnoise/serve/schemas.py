@@ -13,8 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from unnoise.png import A1111_SAMPLERS, A1111_SCHEDULES
-from unnoise.samplers import SAMPLERS
+from unnoise.core.samplers import SAMPLERS
+from unnoise.pipeline.png import A1111_SAMPLERS, A1111_SCHEDULES
 from unnoise.serve.validation import FIELDS_NATIVE, invalid
 
 

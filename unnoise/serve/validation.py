@@ -14,9 +14,9 @@ import math
 import secrets
 from typing import Any
 
-from unnoise.pipeline_inputs import resolve_request
-from unnoise.samplers import SAMPLERS
-from unnoise.schedules import SPACINGS
+from unnoise.core.samplers import SAMPLERS
+from unnoise.core.schedules import SPACINGS
+from unnoise.pipeline.inputs import resolve_request
 from unnoise.serve.config import ServeConfig
 from unnoise.serve.vram import GIB, VramPlanner
 

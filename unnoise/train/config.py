@@ -26,12 +26,12 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
-from unnoise.losses import WEIGHTINGS
+from unnoise.core.losses import WEIGHTINGS
+from unnoise.core.schedules import check_choice
 from unnoise.models.layers import ATTENTION_MODES
 from unnoise.models.unet import UNetConfig
 from unnoise.models.vae import AutoencoderKLConfig
-from unnoise.pipeline_io import SamplingConfig, ScheduleConfig, TextEncoderConfig
-from unnoise.schedules import check_choice
+from unnoise.pipeline.config import SamplingConfig, ScheduleConfig, TextEncoderConfig
 
 TASKS = ("diffusion", "autoencoder")
 DATASETS = ("mnist", "emoji", "folder")

@@ -18,19 +18,20 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
+from unnoise.core.denoisers import VPDenoiser
+from unnoise.core.guidance import CFGDenoiser
+from unnoise.core.losses import vp_loss
+from unnoise.core.noise import randn_like
+from unnoise.core.samplers import sample
 from unnoise.data.base import ImageDataset
 from unnoise.data.captions import caption
-from unnoise.denoisers import VPDenoiser
-from unnoise.guidance import CFGDenoiser
-from unnoise.losses import vp_loss
 from unnoise.models.io import load_model, save_model
 from unnoise.models.text import MiniLMEncoder
 from unnoise.models.unet import UNet
 from unnoise.models.vae import AutoencoderKL, DiagonalGaussian
-from unnoise.noise import randn_like
-from unnoise.pipeline_io import Components, PipelineConfig, sampling_grid, save_components
-from unnoise.png import make_grid, to_pil
-from unnoise.samplers import sample
+from unnoise.pipeline.config import PipelineConfig, sampling_grid
+from unnoise.pipeline.loading import Components, save_components
+from unnoise.pipeline.png import make_grid, to_pil
 from unnoise.train.config import TrainConfig
 from unnoise.train.data import LatentCache, TextCache, batch_of, sample_rngs
 from unnoise.train.distributed import World

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from unnoise.denoisers import data_std
-from unnoise.noise import Generator, check_generators, randn_like
-from unnoise.schedules import check_choice, check_grid
+from unnoise.core.denoisers import data_std
+from unnoise.core.noise import Generator, check_generators, randn_like
+from unnoise.core.schedules import check_choice, check_grid
 
 Denoiser = Callable[..., Tensor]
 Callback = Callable[[int, float, Tensor, Tensor], Any]

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 
+from unnoise.safety.provenance import PROVENANCE_KEYS
+
 # Our sampler names -> AUTOMATIC1111's (docs/samplers.md); ddpm has none there and is written as "ddpm".
 A1111_SAMPLERS = {
     "ddim": "DDIM",
@@ -195,3 +197,19 @@ def make_grid(images: list[Image.Image]) -> Image.Image:
     for i, image in enumerate(images):
         grid.paste(image, ((i % cols) * w, (i // cols) * h))
     return grid
+
+
+def add_provenance(image: Image.Image, fields: dict[str, str]) -> None:
+    """Add (or replace) ``fields`` on the settings line of ``image.info["parameters"]``; no-op without parameters."""
+    text = image.info.get("parameters")
+    if text is None:
+        return
+    params = parse_parameters(text)
+    params["extra"] = {**params["extra"], **fields}
+    image.info["parameters"] = format_parameters(params)
+
+
+def read_provenance(text: str) -> dict[str, str]:
+    """The provenance fields (``unnoise.safety.PROVENANCE_KEYS``) of a ``parameters`` text."""
+    extra = parse_parameters(text)["extra"]
+    return {k: extra[k] for k in PROVENANCE_KEYS if k in extra}

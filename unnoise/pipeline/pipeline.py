@@ -19,24 +19,18 @@ from PIL import Image
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
-from unnoise.denoisers import VPDenoiser
+from unnoise.core.denoisers import VPDenoiser
+from unnoise.core.guidance import CFGDenoiser
+from unnoise.core.noise import randn_like
+from unnoise.core.samplers import sample
+from unnoise.core.schedules import VPSchedule
 from unnoise.files import file_sha256
-from unnoise.guidance import CFGDenoiser
 from unnoise.models.text import TextEncoder
-from unnoise.noise import randn_like
-from unnoise.pipeline_inputs import ImageInput, Request, resolve_request
-from unnoise.pipeline_io import (
-    Components,
-    PipelineConfig,
-    load_components,
-    resolve_model,
-    sampling_grid,
-    save_components,
-)
-from unnoise.png import format_parameters, to_pil
-from unnoise.safety import SafetyChecker
-from unnoise.samplers import sample
-from unnoise.schedules import VPSchedule
+from unnoise.pipeline.config import PipelineConfig, sampling_grid
+from unnoise.pipeline.inputs import ImageInput, Request, resolve_request
+from unnoise.pipeline.loading import Components, load_components, resolve_model, save_components
+from unnoise.pipeline.png import add_provenance, format_parameters, to_pil
+from unnoise.safety import PROVENANCE_INFO, SafetyChecker
 
 # callback(step, total, sigma, latents_preview) -> True to cancel; step counts from 0, the preview is D(x, sigma).
 StepCallback = Callable[[int, int, float, Tensor], bool | None]
@@ -210,7 +204,7 @@ class Pipeline:
         """Generate ``num_images`` images; with ``image``, img2img from it (``strength`` of the grid); with ``mask``
         too, repaint where the mask is white. ``latents`` is unit initial noise (num_images, C, h, w), as diffusers'
         argument. ``callback(step, total, sigma, preview)`` returning True raises ``GenerationCancelled``.
-        Each image's ``info["parameters"]`` holds its AUTOMATIC1111-format settings (``unnoise.png``)."""
+        Each image's ``info["parameters"]`` holds its AUTOMATIC1111-format settings (``unnoise.pipeline.png``)."""
         args = dict(locals())  # the call's arguments, by name
         del args["self"], args["callback"]
         req = resolve_request(self, args)
@@ -232,7 +226,12 @@ class Pipeline:
         images = self.decode(x)
         for i, img in enumerate(images):
             img.info["parameters"] = self._parameters(req, i)
-        return self.safety.finish(images) if self.safety is not None else images
+        if self.safety is None:
+            return images
+        images = self.safety.finish(images)
+        for img in images:
+            add_provenance(img, img.info.pop(PROVENANCE_INFO))
+        return images
 
     def _grid(self, req: Request) -> tuple[VPSchedule, Tensor]:
         """The schedule and grid of the scheduler config; img2img keeps the tail that ``strength`` selects."""

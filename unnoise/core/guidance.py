@@ -12,8 +12,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from unnoise.denoisers import data_std, per_sample_sigma
-from unnoise.schedules import append_dims, check_choice
+from unnoise.core.denoisers import data_std, per_sample_sigma
+from unnoise.core.schedules import append_dims, check_choice
 
 RESCALE_SPACES = ("v", "epsilon")
 

@@ -13,8 +13,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
-from unnoise.samplers import SAMPLERS
-from unnoise.schedules import SPACINGS
+from unnoise.core.samplers import SAMPLERS
+from unnoise.core.schedules import SPACINGS
 
 ImageInput = Image.Image | str | Path
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from unnoise.schedules import VPSchedule, append_dims, check_choice, check_steps
+from unnoise.core.schedules import VPSchedule, append_dims, check_choice, check_steps
 
 PREDICTIONS = ("epsilon", "v_prediction", "sample")
 DEFAULT_SIGMA_DATA = 0.5  # EDM's value; about the std of images in [-1, 1]

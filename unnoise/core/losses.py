@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from unnoise.denoisers import EDMDenoiser, FlowDenoiser, VPDenoiser, check_sigma, per_sample_sigma
-from unnoise.schedules import VPSchedule, add_noise, check_choice, snr
+from unnoise.core.denoisers import EDMDenoiser, FlowDenoiser, VPDenoiser, check_sigma, per_sample_sigma
+from unnoise.core.schedules import VPSchedule, add_noise, check_choice, snr
 
 OBJECTIVES = ("epsilon", "v", "x0", "edm", "flow")
 WEIGHTINGS = ("uniform", "min_snr", "edm")

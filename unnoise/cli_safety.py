@@ -13,8 +13,9 @@ from typing import Any
 
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
+from unnoise.pipeline.png import add_provenance, read_provenance
 from unnoise.safety import watermark
-from unnoise.safety.provenance import WATERMARK, add_provenance, read_provenance, watermark_note
+from unnoise.safety.provenance import WATERMARK, watermark_note
 
 EXIT_NOT_FOUND = 1  # `watermark detect`: the file carries no watermark (as grep's "no match")
 
