@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from unnoise.core.denoisers import EDMDenoiser, FlowDenoiser, VPDenoiser, flow_sigmas, score
+from unnoise.core.denoisers import DEFAULT_SIGMA_DATA, EDMDenoiser, FlowDenoiser, VPDenoiser, flow_sigmas, score
 from unnoise.core.guidance import CFGDenoiser
 from unnoise.core.schedules import VPSchedule
 
@@ -117,9 +117,42 @@ def _cfg_setup():
     return d, x, cond, uncond
 
 
-def test_cfg_scale_one_is_the_conditional_model():
+# the double next above 1: guidance at scale 1 to 2e-16, but past the ``scale == 1`` shortcut, through the formula
+SCALE_ONE_VIA_FORMULA = math.nextafter(1.0, math.inf)
+# every option that changes the guided path: rescale in both spaces, an interval that holds the sigma
+CFG_OPTIONS = [{}, {"rescale": 0.7}, {"rescale": 0.7, "rescale_space": "epsilon"}, {"interval": (0.5, 5.0)}]
+CFG_OPTION_IDS = ["plain", "rescale-v", "rescale-epsilon", "interval"]
+
+
+def _recording(calls: list) -> VPDenoiser:
+    """The setup's denoiser, recording the batch size and condition of each network call."""
+
+    def recorded(x_in, t, **c):
+        calls.append((x_in.shape[0], c["c"]))
+        return net(x_in, t, **c)
+
+    return VPDenoiser(recorded, SCHEDULE)
+
+
+@pytest.mark.parametrize("options", CFG_OPTIONS, ids=CFG_OPTION_IDS)
+def test_cfg_scale_one_is_the_conditional_model(options):
+    """``uncond + s * (cond - uncond)`` at s = 1, from the batched call, is the conditional model."""
     d, x, cond, uncond = _cfg_setup()
-    torch.testing.assert_close(CFGDenoiser(d, 1.0, uncond)(x, 2.0, **cond), d(x, 2.0, **cond), rtol=0, atol=0)
+    calls = []
+    got = CFGDenoiser(_recording(calls), SCALE_ONE_VIA_FORMULA, uncond, **options)(x, 2.0, **cond)
+    assert [batch for batch, _ in calls] == [6]  # one call on [cond; uncond]: the formula ran, not the shortcut
+    d_cond, d_uncond = d(x, 2.0, **cond), d(x, 2.0, c=torch.zeros(3, dtype=torch.float64))
+    assert (d_cond - d_uncond).abs().min() > 0.1  # the unconditional half is really there to cancel
+    torch.testing.assert_close(got, d_cond, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("options", CFG_OPTIONS, ids=CFG_OPTION_IDS)
+def test_cfg_scale_exactly_one_calls_the_conditional_model_alone(options):
+    d, x, cond, uncond = _cfg_setup()
+    calls = []
+    got = CFGDenoiser(_recording(calls), 1.0, uncond, **options)(x, 2.0, **cond)
+    assert len(calls) == 1 and calls[0][0] == 3 and torch.equal(calls[0][1], cond["c"])
+    torch.testing.assert_close(got, d(x, 2.0, **cond), rtol=0, atol=0)
 
 
 def test_cfg_combines_in_one_batched_call_and_equals_epsilon_space_guidance():
@@ -163,13 +196,34 @@ def test_cfg_interval_guides_only_inside():
     d, x, cond, uncond = _cfg_setup()
     g = CFGDenoiser(d, 4.0, uncond, interval=(0.5, 5.0))
     torch.testing.assert_close(g(x, 10.0, **cond), d(x, 10.0, **cond), rtol=0, atol=0)
-    assert not torch.allclose(g(x, 2.0, **cond), d(x, 2.0, **cond))
+    for sigma in (0.5, 2.0, 5.0, torch.tensor([0.5, 2.0, 5.0])):  # both ends belong to the interval
+        torch.testing.assert_close(g(x, sigma, **cond), CFGDenoiser(d, 4.0, uncond)(x, sigma, **cond))
+        assert not torch.allclose(g(x, sigma, **cond), d(x, sigma, **cond))
     with pytest.raises(ValueError, match="both sides of the guidance interval"):
         g(x, torch.tensor([1.0, 2.0, 9.0]), **cond)
 
 
+def test_cfg_conditions_that_are_none_in_both_halves_pass_through():
+    d, x, _, _ = _cfg_setup()
+    calls = []
+    got = CFGDenoiser(_recording(calls), 3.0, {"c": None})(x, 2.0, c=None)
+    assert calls == [(6, None)]
+    torch.testing.assert_close(got, d(x, 2.0))
+
+
+def test_cfg_sigma_data_is_the_wrapped_denoisers():
+    assert CFGDenoiser(EDMDenoiser(net, sigma_data=0.7), 3.0, {}).sigma_data == 0.7
+    assert CFGDenoiser(lambda x, sigma: x, 3.0, {}).sigma_data == DEFAULT_SIGMA_DATA
+
+
 def test_cfg_errors():
     d, x, cond, uncond = _cfg_setup()
+    with pytest.raises(ValueError, match="uncond must be a dict.*got list"):
+        CFGDenoiser(d, 3.0, [torch.zeros(1)])
+    with pytest.raises(ValueError, match=r"cond\['c'\] is a tensor but uncond\['c'\] is NoneType"):
+        CFGDenoiser(d, 3.0, {"c": None})(x, 1.0, **cond)
+    with pytest.raises(ValueError, match=r"cond\['c'\] must be a tensor \(or None in both\), got float"):
+        CFGDenoiser(d, 3.0, uncond)(x, 1.0, c=0.5)
     with pytest.raises(ValueError, match=r"cond keys \['c'\] differ from uncond keys \['y'\]"):
         CFGDenoiser(d, 3.0, {"y": torch.zeros(1)})(x, 1.0, **cond)
     with pytest.raises(ValueError, match="rescale=1.5"):

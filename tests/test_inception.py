@@ -1,6 +1,9 @@
 """FID Inception-v3: the standard state-dict layout and parameter count, loading and rejecting weight files,
 the two resize modes, the FID graph's pooling quirks, and a forward pass with random weights."""
 
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -130,20 +133,12 @@ def test_missing_weights_say_how_to_get_them(tmp_path, monkeypatch):
         assert WEIGHTS_URL in str(error.value) and WEIGHTS_ENV in str(error.value)
 
 
-def test_resize_modes_follow_clean_fid_and_pytorch_fid(network):
+def test_resize_modes_legacy_follows_pytorch_fid(network):
     images = torch.randint(0, 256, (2, 3, 37, 50), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
     legacy = InceptionFeatureExtractor(network, resize="legacy")
     expected = 2 * F.interpolate(images.float() / 255, size=(299, 299), mode="bilinear", align_corners=False) - 1
     torch.testing.assert_close(legacy.preprocess(images), expected)
     clean = InceptionFeatureExtractor(network, resize="clean")
-    pil = [
-        [
-            np.asarray(Image.fromarray(c.numpy().astype(np.float32)).resize((299, 299), Image.Resampling.BICUBIC))
-            for c in im
-        ]
-        for im in images
-    ]
-    torch.testing.assert_close(clean.preprocess(images), torch.from_numpy(np.array(pil)) / 127.5 - 1)
     assert clean.name != legacy.name and "bicubic" in clean.description and "bilinear" in legacy.description
     gray = images[:, :1]
     torch.testing.assert_close(clean.preprocess(gray), clean.preprocess(gray.expand(-1, 3, -1, -1)))
@@ -151,6 +146,61 @@ def test_resize_modes_follow_clean_fid_and_pytorch_fid(network):
         InceptionFeatureExtractor(network, resize="bilinear")
     with pytest.raises(ValueError, match="dtype uint8"):
         clean.preprocess(images.float())
+
+
+def _seven() -> torch.Tensor:
+    """An MNIST-like binary digit ``(1, 1, 28, 28)``: a seven drawn in 0 and 255 only."""
+    digit = torch.zeros(28, 28, dtype=torch.uint8)
+    digit[5:9, 7:21] = 255  # the bar
+    for row in range(9, 24):  # the stroke down to the left, 4 pixels wide
+        col = 20 - (row - 9) // 2
+        digit[row, col - 2 : col + 2] = 255
+    return digit[None, None]
+
+
+def _clean_fid_formula(size: tuple[int, int]):
+    """clean-fid's ``make_resizer("PIL", False, "bicubic", size)`` written out (resize.py, clean-fid 0.1.35): each
+    channel as a float32 PIL image, bicubic, clipped to [0, 255], not quantized."""
+
+    def resize(image: np.ndarray) -> np.ndarray:  # (H, W, 3) uint8 -> (h, w, 3) float32
+        channels = [
+            Image.fromarray(image[..., c].astype(np.float32)).resize(size, Image.Resampling.BICUBIC) for c in range(3)
+        ]
+        return np.stack([np.asarray(c).clip(0, 255) for c in channels], axis=-1).astype(np.float32)
+
+    return resize
+
+
+def _clean_fid_package(size: tuple[int, int]):
+    """clean-fid's own resizer, loaded from its ``resize.py`` alone: the package ``__init__`` imports torchvision."""
+    spec = importlib.util.find_spec("cleanfid")  # a top-level package is found without running its __init__
+    if spec is None:
+        pytest.skip("clean-fid is not installed; `pip install --no-deps clean-fid` (it requires torchvision)")
+    path = Path(spec.submodule_search_locations[0]) / "resize.py"
+    assert "torchvision" not in path.read_text(), f"{path} imports torchvision now; compare with the formula only"
+    module_spec = importlib.util.spec_from_file_location("cleanfid_resize", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.make_resizer("PIL", False, "bicubic", size)
+
+
+def _random() -> torch.Tensor:
+    return torch.randint(0, 256, (2, 3, 37, 50), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+
+
+@pytest.mark.parametrize("make_resizer", [_clean_fid_formula, _clean_fid_package], ids=["formula", "clean-fid"])
+@pytest.mark.parametrize(
+    ("make_images", "overshoot"), [pytest.param(_seven, 0.1, id="digit"), pytest.param(_random, 0.005, id="random")]
+)
+def test_clean_resize_is_clean_fids_and_clips_the_bicubic_overshoot(network, make_resizer, make_images, overshoot):
+    images, resize = make_images(), make_resizer((299, 299))
+    rgb = images.expand(-1, 3, -1, -1).permute(0, 2, 3, 1).numpy()
+    expected = torch.from_numpy(np.stack([resize(image) for image in rgb])).permute(0, 3, 1, 2)
+    torch.testing.assert_close(InceptionFeatureExtractor(network).preprocess(images), expected / 127.5 - 1)
+    # the inputs reach the clip: unclipped, bicubic rings past [0, 255] (around the digit's strokes by ~48 levels)
+    bicubic = (Image.fromarray(c.astype(np.float32)).resize((299, 299), Image.Resampling.BICUBIC) for c in rgb[..., 0])
+    unclipped = np.stack([np.asarray(image) for image in bicubic])
+    assert ((unclipped < 0) | (unclipped > 255)).mean() > overshoot
 
 
 def test_fid_pooling_quirks(network):

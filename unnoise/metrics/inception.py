@@ -27,7 +27,7 @@ WEIGHTS_URL = (
     "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
 )
 INPUT_SIZE = 299
-# clean: PIL bicubic on float pixels, no quantization (clean-fid, Parmar et al. 2022); legacy: torch bilinear
+# clean: PIL bicubic on float pixels, clipped, not quantized (clean-fid, Parmar et al. 2022); legacy: torch bilinear
 # with align_corners=False (pytorch-fid). FID values from the two are not comparable.
 RESIZE_MODES = ("clean", "legacy")
 
@@ -277,9 +277,11 @@ class InceptionFeatureExtractor(nn.Module):
 
 
 def _pil_bicubic(image: np.ndarray) -> np.ndarray:
-    """clean-fid's resize: each channel as a float32 PIL image, bicubic to 299x299, no rounding or clipping."""
+    """clean-fid's resize: each channel as a float32 PIL image, bicubic to 299x299, clipped to [0, 255], no rounding."""
     size, bicubic = (INPUT_SIZE, INPUT_SIZE), Image.Resampling.BICUBIC
-    return np.stack([np.asarray(Image.fromarray(c.astype(np.float32)).resize(size, bicubic)) for c in image])
+    channels = [np.asarray(Image.fromarray(c.astype(np.float32)).resize(size, bicubic)) for c in image]
+    # clean-fid clips: bicubic rings ~48 levels past a hard 0/255 edge, and its statistics never saw that overshoot
+    return np.stack(channels).clip(0, 255)
 
 
 def load_inception(
