@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from unnoise.core.samplers import STOCHASTIC
+
 FAMILY_STYLE = {"ours": "-", "diffusers": "--"}
 
 
@@ -124,7 +126,7 @@ def write_report(
         "starting below the top of the schedule.",
         f"- Reference convergence: RMSE between the {problem.reference_steps // 2}- and {problem.reference_steps}"
         f"-step solutions from the top of the schedule: {convergence:.1e}.",
-        "- Only deterministic samplers: stochastic ones (ddpm, euler_a, dpmpp_2m_sde) do not converge to the ODE "
+        f"- Only deterministic samplers: stochastic ones ({', '.join(STOCHASTIC)}) do not converge to the ODE "
         "solution. Heun spends two evaluations per step but the last, so its NFE columns 10, 20 and 50 hold 9, 19 "
         "and 49 evaluations (5 steps, 10, 25). Every run's evaluations are counted by the denoiser.",
         "- RMSE is over all samples and pixels of the output at sigma 0, in [-1, 1] pixel units.",

@@ -23,7 +23,7 @@ if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
 from benchmarks.diffusers_runs import DIFFUSERS_CONFIGS, DiffusersConfig, run_diffusers  # noqa: E402
 from benchmarks.mixture import EpsilonModel, MixtureDenoiser  # noqa: E402
 from benchmarks.report import write_report  # noqa: E402
-from unnoise import samplers  # noqa: E402
+from unnoise.core import samplers  # noqa: E402
 from unnoise.core.denoisers import VPDenoiser  # noqa: E402
 from unnoise.core.schedules import VPSchedule, karras_sigmas  # noqa: E402
 from unnoise.data import load_mnist  # noqa: E402

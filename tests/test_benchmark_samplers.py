@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the benchmarks f
 from benchmarks import samplers as bench  # noqa: E402
 from benchmarks.diffusers_runs import DIFFUSERS_CONFIGS  # noqa: E402
 from benchmarks.mixture import EpsilonModel, MixtureDenoiser  # noqa: E402
-from unnoise import samplers  # noqa: E402
+from unnoise.core import samplers  # noqa: E402
 from unnoise.core.denoisers import VPDenoiser  # noqa: E402
 from unnoise.core.schedules import VPSchedule, karras_sigmas, tau_sigmas  # noqa: E402
 

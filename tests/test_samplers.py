@@ -2,12 +2,14 @@
 
 import inspect
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
 
 from unnoise.core.denoisers import EDMDenoiser, FlowDenoiser, VPDenoiser, flow_sigmas
-from unnoise.core.samplers import SAMPLERS, STOCHASTIC, ancestral_step, nfe, sample
+from unnoise.core.samplers import SAMPLER_INFO, SAMPLERS, STOCHASTIC, ancestral_step, nfe, sample
 from unnoise.core.schedules import VPSchedule, karras_sigmas, tau_sigmas
 
 S = 0.5  # data std
@@ -21,11 +23,82 @@ def gaussian_denoiser(x, sigma):
 
 def test_every_sampler_shares_one_signature():
     reference = inspect.signature(SAMPLERS["euler"])
-    for name, fn in SAMPLERS.items():
-        sig = inspect.signature(fn)
+    for name, info in SAMPLER_INFO.items():
+        sig = inspect.signature(info.fn)
         assert list(sig.parameters) == ["denoiser", "x", "sigmas", "generator", "callback", "eta", "cond"], name
         assert sig == reference, name
-        assert fn.__doc__ and len(fn.__doc__.strip().splitlines()) >= 1, name
+        assert info.fn.__name__ == f"sample_{name}" and info.name == name, name
+
+
+# An author and a year, as in "Lu et al. 2022", "Hochbruck & Ostermann 2010" or "Crowson 2022".
+CITATION = re.compile(r"\b[A-Z][A-Za-z-]+(?: et al\.| & [A-Z][A-Za-z-]+)? (?:19|20)\d\d\b")
+
+
+def _one_line_that_cites(doc: str | None) -> bool:
+    """STYLE 8: a docstring is one line that says what and cites where."""
+    text = (doc or "").strip()
+    return "\n" not in text and text.endswith(".") and CITATION.search(text) is not None
+
+
+@pytest.mark.parametrize("name", list(SAMPLER_INFO))
+def test_every_sampler_docstring_is_one_line_that_cites_its_source(name):
+    doc = SAMPLER_INFO[name].fn.__doc__
+    assert _one_line_that_cites(doc), f"sample_{name}'s docstring is not one line citing an author and year: {doc!r}"
+
+
+@pytest.mark.parametrize("doc", [None, "Euler ancestral.", "DPM-Solver++(2M), Alg. 2.", "Heun.\n\nKarras et al. 2022."])
+def test_the_docstring_rule_refuses_an_uncited_or_longer_docstring(doc):
+    assert not _one_line_that_cites(doc)
+
+
+@pytest.mark.parametrize("name", list(SAMPLER_INFO))
+def test_each_record_tells_the_truth_about_its_sampler(name):
+    """Stochastic samplers draw from the generator, deterministic ones never touch it; calls equal nfe()."""
+    info = SAMPLER_INFO[name]
+    calls = []
+
+    def counting(x, sigma):
+        calls.append(sigma)
+        return gaussian_denoiser(x, sigma)
+
+    for steps in (1, 2, 7):
+        calls.clear()
+        generator = torch.Generator().manual_seed(0)
+        before = generator.get_state()
+        x = torch.linspace(-3, 3, 6, dtype=torch.float64).reshape(2, 3) * 10
+        out = sample(counting, x, karras_sigmas(steps, 0.1, 10.0), name, generator=generator)
+        assert len(calls) == nfe(name, steps) == info.nfe(steps), (name, steps)
+        if steps > 1:  # a single step goes to sigma 0, where no sampler adds noise
+            assert torch.equal(generator.get_state(), before) != info.stochastic, (name, steps)
+            again = sample(counting, x, karras_sigmas(steps, 0.1, 10.0), name, generator=torch.Generator())
+            assert torch.equal(out, again) != info.stochastic, (name, steps)
+    assert info.stochastic == (name in STOCHASTIC)
+    sigmas, eta = karras_sigmas(3, 0.1, 1.0), 0.5 if info.eta != 0.5 else 0.25
+    sample(gaussian_denoiser, torch.ones(1, 1), sigmas, name, eta=info.eta)  # its own eta is always accepted
+    if info.eta_adjustable:
+        sample(gaussian_denoiser, torch.ones(1, 1), sigmas, name, eta=eta)
+    else:
+        with pytest.raises(ValueError, match=f"sampler '{name}' does not take eta=.*applies to ddim, euler_a"):
+            sample(gaussian_denoiser, torch.ones(1, 1), sigmas, name, eta=eta)
+
+
+def test_sampler_names_elsewhere_are_unique_and_match_the_docs_table():
+    """docs/samplers.md's table of names is SAMPLER_INFO: every row, in order, with the same facts."""
+    a1111 = [i.a1111_name for i in SAMPLER_INFO.values() if i.a1111_name is not None]
+    assert len(set(a1111)) == len(a1111)
+    diffusers = [(i.diffusers_name, i.diffusers_config) for i in SAMPLER_INFO.values() if i.diffusers_name]
+    assert len(set(diffusers)) == len(diffusers)
+    text = (Path(__file__).resolve().parents[1] / "docs" / "samplers.md").read_text()
+    section = text.split("## Sampler names", 1)[1].split("\n## ", 1)[0]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines() if line.startswith("| `")]
+    assert [re.match(r"`(\w+)`", r[0])[1] for r in rows] == list(SAMPLER_INFO)
+    for row, info in zip(rows, SAMPLER_INFO.values()):
+        diffusers_cell = row[1].split(" ")[0].split("(")[0].strip("`")
+        assert diffusers_cell == (info.diffusers_name or "—"), row
+        assert all(f'{k}="{v}"' in row[1] for k, v in info.diffusers_config), row
+        assert row[2] == (info.a1111_name or "—"), row
+        evals = {"steps": lambda n: n, "2 steps - 1": lambda n: 2 * n - 1}
+        assert [evals[row[4]](n) for n in (1, 5)] == [info.nfe(n) for n in (1, 5)], row
 
 
 @pytest.mark.parametrize("method, order", [("euler", 1), ("ddim", 1), ("heun", 2), ("dpmpp_2m", 2), ("unipc", 3)])
@@ -183,22 +256,9 @@ def test_half_precision_input_keeps_a_float32_state(method):
 
 
 def test_nfe_counts_heun_twice_but_the_last_step():
-    calls = []
-
-    def counting(x, sigma):
-        calls.append(sigma)
-        return gaussian_denoiser(x, sigma)
-
-    for method in SAMPLERS:
-        calls.clear()
-        sample(
-            counting,
-            torch.ones(1, 1, dtype=torch.float64),
-            karras_sigmas(7, 0.1, 5.0),
-            method,
-            generator=torch.Generator().manual_seed(0),
-        )
-        assert len(calls) == nfe(method, 7), method
+    """The counts themselves; test_each_record_tells_the_truth_about_its_sampler counts the calls."""
+    assert [nfe("heun", n) for n in (1, 2, 7)] == [1, 3, 13]
+    assert all(nfe(name, 7) == 7 for name in SAMPLERS if name != "heun")
 
 
 # -- bad input ------------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -351,6 +352,23 @@ def test_autoencoder_with_discriminator_then_latent_text_diffusion_exports_a_pip
     image = pipe("a handwritten digit 3", steps=2, seed=1)[0]
     assert image.size == (32, 32) and image.mode == "L"
     assert (tmp_path / "ldm" / "samples" / "step_00000002.png").exists()
+
+
+def test_the_discriminator_has_its_own_learning_rate_and_the_loop_names_no_task(tmp_path):
+    cfg = {
+        "task": "autoencoder",
+        "out_dir": str(tmp_path / "vae"),
+        "model": TINY_VAE,
+        "autoencoder": {"disc_weight": 0.1, "disc_channels": 8, "disc_layers": 2, "disc_lr": 3e-4, "scale_images": 8},
+        "optim": {"lr": 1e-3, "decay": "constant"},
+        "train": {"steps": 2, "batch_size": 2, "threads": 1},
+    }
+    train(config_from_dict(cfg), log=lambda s: None)
+    _, state = load_checkpoint(list_checkpoints(tmp_path / "vae")[-1])
+    lrs = {name: meta["param_groups"][0]["lr"] for name, meta in state["optimizers"].items()}
+    assert lrs == pytest.approx({"model": 1e-3, "disc": 3e-4}, rel=1e-12)
+    # the generic loop reads no task's settings: those live in the task (unnoise/train/tasks.py)
+    assert not re.search(r"autoencoder|disc", (ROOT / "unnoise" / "train" / "loop.py").read_text())
 
 
 def test_folder_data_unconditional_pixel_diffusion(tmp_path):

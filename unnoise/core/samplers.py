@@ -7,12 +7,17 @@ the sampler state does not). Steps go over neighbouring pairs of ``sigmas``, nev
 
 ``callback(i, sigma, x, denoised)`` is called once per step with the state at ``sigma`` and its denoised
 estimate; if it returns ``True`` sampling stops and the current state is returned.
+
+``SAMPLER_INFO`` holds one ``SamplerInfo`` record per sampler (its function, default eta, network evaluations and
+names in AUTOMATIC1111 and diffusers); ``SAMPLERS``, ``STOCHASTIC`` and ``nfe`` are derived from it, so adding a
+sampler means writing its function and one record.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -57,11 +62,14 @@ def _check(x: Tensor, sigmas: Tensor, generator: Generator) -> Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def _eta(name: str, eta: float | None, default: float, fixed: bool = False) -> float:
+def _eta(name: str, eta: float | None) -> float:
+    """The eta to run sampler ``name`` with: its record's default, or the caller's if the sampler takes one."""
+    info = SAMPLER_INFO[name]  # defined below, after the functions it lists
     if eta is None:
-        return default
-    if fixed and eta != default:
-        raise ValueError(f"sampler {name!r} does not take eta={eta!r}; eta applies to ddim, euler_a and dpmpp_2m_sde")
+        return info.eta
+    if not info.eta_adjustable and eta != info.eta:
+        takers = [n for n, i in SAMPLER_INFO.items() if i.eta_adjustable]
+        raise ValueError(f"sampler {name!r} does not take eta={eta!r}; eta applies to {', '.join(takers)}")
     if not (math.isfinite(eta) and eta >= 0):
         raise ValueError(f"eta={eta!r} must be a finite number >= 0")
     return eta
@@ -91,25 +99,25 @@ def _ancestral(denoiser, x, sigmas, generator, callback, eta, cond) -> Tensor:
 def sample_ddpm(denoiser, x, sigmas, *, generator=None, callback=None, eta=None, **cond) -> Tensor:
     """DDPM ancestral sampling with the posterior variance ("fixed_small"), Ho et al. 2020, Alg. 2."""
     x = _check(x, sigmas, generator)
-    return _ancestral(denoiser, x, sigmas, generator, callback, _eta("ddpm", eta, 1.0, fixed=True), cond)
+    return _ancestral(denoiser, x, sigmas, generator, callback, _eta("ddpm", eta), cond)
 
 
 def sample_ddim(denoiser, x, sigmas, *, generator=None, callback=None, eta=None, **cond) -> Tensor:
     """DDIM, Song et al. 2021, eq. 12; eta=0 is Euler on the probability-flow ODE, eta=1 is DDPM."""
     x = _check(x, sigmas, generator)
-    return _ancestral(denoiser, x, sigmas, generator, callback, _eta("ddim", eta, 0.0), cond)
+    return _ancestral(denoiser, x, sigmas, generator, callback, _eta("ddim", eta), cond)
 
 
 def sample_euler_a(denoiser, x, sigmas, *, generator=None, callback=None, eta=None, **cond) -> Tensor:
-    """Euler ancestral, as k-diffusion's ``sample_euler_ancestral`` (eta 1 by default)."""
+    """Euler ancestral, Crowson 2022 (k-diffusion's ``sample_euler_ancestral``); eta 1 by default."""
     x = _check(x, sigmas, generator)
-    return _ancestral(denoiser, x, sigmas, generator, callback, _eta("euler_a", eta, 1.0), cond)
+    return _ancestral(denoiser, x, sigmas, generator, callback, _eta("euler_a", eta), cond)
 
 
 def sample_euler(denoiser, x, sigmas, *, generator=None, callback=None, eta=None, **cond) -> Tensor:
     """Euler's method on the probability-flow ODE, Karras et al. 2022, Alg. 2 without the second-order step."""
     x = _check(x, sigmas, generator)
-    _eta("euler", eta, 0.0, fixed=True)
+    _eta("euler", eta)
     for i, (sigma, sigma_next) in enumerate(_pairs(sigmas)):
         denoised = denoiser(x, sigma, **cond)
         if callback is not None and callback(i, sigma, x, denoised) is True:
@@ -121,7 +129,7 @@ def sample_euler(denoiser, x, sigmas, *, generator=None, callback=None, eta=None
 def sample_heun(denoiser, x, sigmas, *, generator=None, callback=None, eta=None, **cond) -> Tensor:
     """Heun's second-order method, Karras et al. 2022, Alg. 1; the last step to sigma 0 is Euler."""
     x = _check(x, sigmas, generator)
-    _eta("heun", eta, 0.0, fixed=True)
+    _eta("heun", eta)
     for i, (sigma, sigma_next) in enumerate(_pairs(sigmas)):
         denoised = denoiser(x, sigma, **cond)
         if callback is not None and callback(i, sigma, x, denoised) is True:
@@ -142,26 +150,17 @@ def sample_heun(denoiser, x, sigmas, *, generator=None, callback=None, eta=None,
 def sample_dpmpp_2m(denoiser, x, sigmas, *, generator=None, callback=None, eta=None, **cond) -> Tensor:
     """DPM-Solver++(2M), Lu et al. 2022, Alg. 2; first and last (to sigma 0) steps are first order."""
     x = _check(x, sigmas, generator)
-    _eta("dpmpp_2m", eta, 0.0, fixed=True)
-    old_denoised, h_last = None, None
-    for i, (sigma, sigma_next) in enumerate(_pairs(sigmas)):
-        denoised = denoiser(x, sigma, **cond)
-        if callback is not None and callback(i, sigma, x, denoised) is True:
-            return x
-        if sigma_next == 0:
-            x = denoised
-            continue
-        h = math.log(sigma / sigma_next)
-        d = denoised if old_denoised is None else _midpoint(denoised, old_denoised, h_last / h)
-        x = (sigma_next / sigma) * x - math.expm1(-h) * d
-        old_denoised, h_last = denoised, h
-    return x
+    return _dpmpp_2m(denoiser, x, sigmas, generator, callback, _eta("dpmpp_2m", eta), cond)
 
 
 def sample_dpmpp_2m_sde(denoiser, x, sigmas, *, generator=None, callback=None, eta=None, **cond) -> Tensor:
     """DPM-Solver++(2M) SDE with the midpoint rule, Lu et al. 2022, App. B (diffusers' sde-dpmsolver++)."""
     x = _check(x, sigmas, generator)
-    eta = _eta("dpmpp_2m_sde", eta, 1.0)
+    return _dpmpp_2m(denoiser, x, sigmas, generator, callback, _eta("dpmpp_2m_sde", eta), cond)
+
+
+def _dpmpp_2m(denoiser, x, sigmas, generator, callback, eta, cond) -> Tensor:
+    """DPM-Solver++(2M) steps with SDE noise of strength eta; eta 0 is the ODE solver, Lu et al. 2022, Alg. 2."""
     old_denoised, h_last = None, None
     for i, (sigma, sigma_next) in enumerate(_pairs(sigmas)):
         denoised = denoiser(x, sigma, **cond)
@@ -173,6 +172,7 @@ def sample_dpmpp_2m_sde(denoiser, x, sigmas, *, generator=None, callback=None, e
         h = math.log(sigma / sigma_next)
         eta_h = eta * h
         d = denoised if old_denoised is None else _midpoint(denoised, old_denoised, h_last / h)
+        # With eta 0 this is the ODE update bit for bit: exp(-0.0) == 1.0 and -h - 0.0 == -h in floating point.
         x = (sigma_next / sigma) * math.exp(-eta_h) * x - math.expm1(-h - eta_h) * d
         if eta > 0:
             x = x + randn_like(x, generator) * (sigma_next * math.sqrt(-math.expm1(-2 * eta_h)))
@@ -186,13 +186,11 @@ def _midpoint(denoised: Tensor, old_denoised: Tensor, r: float) -> Tensor:
 
 
 def sample_unipc(denoiser, x, sigmas, *, generator=None, callback=None, eta=None, **cond) -> Tensor:
-    """UniPC-bh2 of order 2 with data prediction, Zhao et al. 2023, Alg. 1-2 (diffusers' UniPCMultistep default).
-
-    Each step first corrects the current state with the new evaluation (UniC), then predicts the next state
-    (UniP); the last step, to sigma 0, is first order. The evaluation at the uncorrected state is reused.
-    """
+    """UniPC-bh2 of order 2 with data prediction, Zhao et al. 2023, Alg. 1-2 (diffusers' UniPCMultistep default)."""
+    # Each step first corrects the current state with the new evaluation (UniC), then predicts the next state
+    # (UniP); the last step, to sigma 0, is first order. The evaluation at the uncorrected state is reused.
     x = _check(x, sigmas, generator)
-    _eta("unipc", eta, 0.0, fixed=True)
+    _eta("unipc", eta)
     pairs = _pairs(sigmas)
     prev = None  # (x at the previous sigma, its denoised, previous sigma, the order of the step taken from it)
     older = None  # (denoised, sigma) one step further back
@@ -255,9 +253,9 @@ def _unipc_update(x, sigma, sigma_next, m0, history, m_next) -> Tensor:
 
 
 def sample_gauss_pc(denoiser, x, sigmas, *, generator=None, callback=None, eta=None, **cond) -> Tensor:
-    """Third-order exponential predictor-corrector in Gaussian-prior time (see above); exact for Gaussian data."""
+    """Third-order exponential Adams predictor-corrector in Gaussian-prior time, Hochbruck & Ostermann 2010 (above)."""
     x = _check(x, sigmas, generator)
-    _eta("gauss_pc", eta, 0.0, fixed=True)
+    _eta("gauss_pc", eta)
     sd2 = data_std(denoiser) ** 2
     history: list[tuple[float, Tensor]] = []  # (s, G), newest first; s = -tau grows as sigma falls
     x_prev = None
@@ -291,19 +289,72 @@ def _exp_multistep(x: Tensor, points: list[tuple[float, Tensor]], s: float, s_ne
     return out
 
 
-SAMPLERS: dict[str, Callable[..., Tensor]] = {
-    "ddpm": sample_ddpm,
-    "ddim": sample_ddim,
-    "euler": sample_euler,
-    "euler_a": sample_euler_a,
-    "heun": sample_heun,
-    "dpmpp_2m": sample_dpmpp_2m,
-    "dpmpp_2m_sde": sample_dpmpp_2m_sde,
-    "unipc": sample_unipc,
-    "gauss_pc": sample_gauss_pc,
-}
+# -- the registry ----------------------------------------------------------------------------------------------
 
-STOCHASTIC = ("ddpm", "euler_a", "dpmpp_2m_sde")
+
+@dataclass(frozen=True)
+class SamplerInfo:
+    """The facts about one sampler that the rest of unnoise reads (docs/samplers.md's table)."""
+
+    name: str  # ours, as in ``sample(..., method)``, the CLI and the HTTP APIs
+    fn: Callable[..., Tensor]
+    eta: float = 0.0  # the default eta: the scale of the fresh noise each step adds (0: deterministic)
+    eta_adjustable: bool = False  # whether a caller may pass another eta
+    evals_per_step: int = 1  # network evaluations per step
+    last_step_evals: int | None = None  # evaluations of the last step (to sigma 0); None: evals_per_step
+    a1111_name: str | None = None  # AUTOMATIC1111's name ("Sampler:" in PNG parameters); None: it has none
+    diffusers_name: str | None = None  # the diffusers scheduler class that runs the same algorithm
+    diffusers_config: tuple[tuple[str, Any], ...] = ()  # config entries that select it within that class
+
+    @property
+    def stochastic(self) -> bool:
+        """Whether it draws fresh noise from ``generator`` at its default eta."""
+        return self.eta > 0
+
+    def nfe(self, steps: int) -> int:
+        """Network evaluations over ``steps`` steps ending at sigma 0."""
+        last = self.evals_per_step if self.last_step_evals is None else self.last_step_evals
+        return (steps - 1) * self.evals_per_step + last
+
+
+SAMPLER_INFO: dict[str, SamplerInfo] = {
+    info.name: info
+    for info in (
+        SamplerInfo("ddpm", sample_ddpm, eta=1.0, diffusers_name="DDPMScheduler"),
+        SamplerInfo("ddim", sample_ddim, eta_adjustable=True, a1111_name="DDIM", diffusers_name="DDIMScheduler"),
+        SamplerInfo("euler", sample_euler, a1111_name="Euler", diffusers_name="EulerDiscreteScheduler"),
+        SamplerInfo(
+            "euler_a",
+            sample_euler_a,
+            eta=1.0,
+            eta_adjustable=True,
+            a1111_name="Euler a",
+            diffusers_name="EulerAncestralDiscreteScheduler",
+        ),
+        SamplerInfo(
+            "heun",
+            sample_heun,
+            evals_per_step=2,
+            last_step_evals=1,
+            a1111_name="Heun",
+            diffusers_name="HeunDiscreteScheduler",
+        ),
+        SamplerInfo("dpmpp_2m", sample_dpmpp_2m, a1111_name="DPM++ 2M", diffusers_name="DPMSolverMultistepScheduler"),
+        SamplerInfo(
+            "dpmpp_2m_sde",
+            sample_dpmpp_2m_sde,
+            eta=1.0,
+            eta_adjustable=True,
+            a1111_name="DPM++ 2M SDE",
+            diffusers_name="DPMSolverMultistepScheduler",
+            diffusers_config=(("algorithm_type", "sde-dpmsolver++"),),
+        ),
+        SamplerInfo("unipc", sample_unipc, a1111_name="UniPC", diffusers_name="UniPCMultistepScheduler"),
+        SamplerInfo("gauss_pc", sample_gauss_pc),
+    )
+}
+SAMPLERS: dict[str, Callable[..., Tensor]] = {name: info.fn for name, info in SAMPLER_INFO.items()}
+STOCHASTIC = tuple(name for name, info in SAMPLER_INFO.items() if info.stochastic)
 
 
 def sample(
@@ -325,4 +376,4 @@ def sample(
 def nfe(method: str, steps: int) -> int:
     """Network evaluations a sampler makes over ``steps`` steps ending at sigma 0 (Heun: two per step but the last)."""
     check_choice("sampler", method, tuple(SAMPLERS))
-    return 2 * steps - 1 if method == "heun" else steps
+    return SAMPLER_INFO[method].nfe(steps)

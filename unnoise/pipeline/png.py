@@ -19,18 +19,11 @@ import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 
+from unnoise.core.samplers import SAMPLER_INFO
 from unnoise.safety.provenance import PROVENANCE_KEYS
 
-# Our sampler names -> AUTOMATIC1111's (docs/samplers.md); ddpm has none there and is written as "ddpm".
-A1111_SAMPLERS = {
-    "ddim": "DDIM",
-    "euler": "Euler",
-    "euler_a": "Euler a",
-    "heun": "Heun",
-    "dpmpp_2m": "DPM++ 2M",
-    "dpmpp_2m_sde": "DPM++ 2M SDE",
-    "unipc": "UniPC",
-}
+# Our sampler names -> AUTOMATIC1111's, from the sampler records; those with none there (ddpm) are written as ours.
+A1111_SAMPLERS = {name: info.a1111_name for name, info in SAMPLER_INFO.items() if info.a1111_name is not None}
 # Our grid spacings -> AUTOMATIC1111's "Schedule type" (the others have no counterpart there).
 A1111_SCHEDULES = {"karras": "Karras", "exponential": "Exponential"}
 

@@ -7,6 +7,7 @@ import warnings
 from typing import Any
 
 from unnoise.core.denoisers import PREDICTIONS
+from unnoise.core.samplers import SAMPLER_INFO
 from unnoise.pipeline.config import SamplingConfig, ScheduleConfig
 
 _BETAS = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine", "sigmoid": "sigmoid"}
@@ -15,67 +16,54 @@ _COMMON |= dict(prediction_type="epsilon", steps_offset=0, timestep_spacing="lin
 _SIGMA_SPACINGS = dict(use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False)
 _MULTISTEP = dict(solver_order=2, thresholding=False, final_sigmas_type="zero", rescale_betas_zero_snr=False)
 _MULTISTEP |= dict(lower_order_final=True, use_flow_sigmas=False, use_dynamic_shifting=False, **_SIGMA_SPACINGS)
-# class -> (default sampler, the config keys it reads with diffusers' defaults)
-SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
-    "DDIMScheduler": (
-        "ddim",
-        dict(
-            clip_sample=True,
-            set_alpha_to_one=True,
-            thresholding=False,
-            rescale_betas_zero_snr=False,
-            timestep_spacing="leading",
-        ),
+# class -> the config keys it reads, with diffusers' defaults; its sampler is the record naming it (_sampler_for)
+SCHEDULERS: dict[str, dict[str, Any]] = {
+    "DDIMScheduler": dict(
+        clip_sample=True,
+        set_alpha_to_one=True,
+        thresholding=False,
+        rescale_betas_zero_snr=False,
+        timestep_spacing="leading",
     ),
-    "DDPMScheduler": (
-        "ddpm",
-        dict(
-            clip_sample=True,
-            variance_type="fixed_small",
-            thresholding=False,
-            rescale_betas_zero_snr=False,
-            timestep_spacing="leading",
-        ),
+    "DDPMScheduler": dict(
+        clip_sample=True,
+        variance_type="fixed_small",
+        thresholding=False,
+        rescale_betas_zero_snr=False,
+        timestep_spacing="leading",
     ),
-    "PNDMScheduler": ("dpmpp_2m", dict(set_alpha_to_one=False, timestep_spacing="leading")),
-    "LMSDiscreteScheduler": ("dpmpp_2m", dict(_SIGMA_SPACINGS)),
-    "EulerDiscreteScheduler": (
-        "euler",
-        dict(
-            interpolation_type="linear",
-            sigma_min=None,
-            sigma_max=None,
-            timestep_type="discrete",
-            rescale_betas_zero_snr=False,
-            final_sigmas_type="zero",
-            **_SIGMA_SPACINGS,
-        ),
+    "PNDMScheduler": dict(set_alpha_to_one=False, timestep_spacing="leading"),
+    "LMSDiscreteScheduler": dict(_SIGMA_SPACINGS),
+    "EulerDiscreteScheduler": dict(
+        interpolation_type="linear",
+        sigma_min=None,
+        sigma_max=None,
+        timestep_type="discrete",
+        rescale_betas_zero_snr=False,
+        final_sigmas_type="zero",
+        **_SIGMA_SPACINGS,
     ),
-    "EulerAncestralDiscreteScheduler": ("euler_a", dict(rescale_betas_zero_snr=False)),
-    "HeunDiscreteScheduler": ("heun", dict(beta_start=0.00085, beta_end=0.012, clip_sample=False, **_SIGMA_SPACINGS)),
-    "DPMSolverMultistepScheduler": (
-        "dpmpp_2m",
-        dict(
-            algorithm_type="dpmsolver++",
-            solver_type="midpoint",
-            use_lu_lambdas=False,
-            variance_type=None,
-            euler_at_final=False,
-            lambda_min_clipped=-float("inf"),
-            **_MULTISTEP,
-        ),
+    "EulerAncestralDiscreteScheduler": dict(rescale_betas_zero_snr=False),
+    "HeunDiscreteScheduler": dict(beta_start=0.00085, beta_end=0.012, clip_sample=False, **_SIGMA_SPACINGS),
+    "DPMSolverMultistepScheduler": dict(
+        algorithm_type="dpmsolver++",
+        solver_type="midpoint",
+        use_lu_lambdas=False,
+        variance_type=None,
+        euler_at_final=False,
+        lambda_min_clipped=-float("inf"),
+        **_MULTISTEP,
     ),
-    "UniPCMultistepScheduler": (
-        "unipc",
-        dict(
-            solver_type="bh2",
-            predict_x0=True,
-            disable_corrector=[],
-            solver_p=None,
-            **_MULTISTEP,
-        ),
+    "UniPCMultistepScheduler": dict(
+        solver_type="bh2",
+        predict_x0=True,
+        disable_corrector=[],
+        solver_p=None,
+        **_MULTISTEP,
     ),
 }
+# Classes that no sampler of ours runs, and the one their configs get: the multistep solver closest in spirit.
+_STAND_INS = {"PNDMScheduler": "dpmpp_2m", "LMSDiscreteScheduler": "dpmpp_2m"}
 # Options that change the result but that we do not apply: (key, the value diffusers' behaviour needs us to match).
 _IGNORED = [
     ("clip_sample", False, "latents are not clipped"),
@@ -107,8 +95,7 @@ def translate_scheduler(cfg: dict[str, Any]) -> tuple[ScheduleConfig, str, Sampl
     name = cfg.get("_class_name")
     if name not in SCHEDULERS:
         raise ValueError(f"scheduler _class_name={name!r} is not supported; supported: {sorted(SCHEDULERS)}")
-    sampler, extra = SCHEDULERS[name]
-    c = {**_COMMON, **extra}
+    c = {**_COMMON, **SCHEDULERS[name]}
     c.update({k: v for k, v in cfg.items() if k in c})
     for key, allowed in _REFUSED:
         if c.get(key, allowed) not in (allowed if isinstance(allowed, tuple) else (allowed,)):
@@ -124,8 +111,6 @@ def translate_scheduler(cfg: dict[str, Any]) -> tuple[ScheduleConfig, str, Sampl
         spacing = "karras"
     elif c.get("use_exponential_sigmas"):
         spacing = "exponential"
-    if "sde" in c.get("algorithm_type", ""):
-        sampler = "dpmpp_2m_sde"
     final = "sigma_min" if c.get("final_sigmas_type") == "sigma_min" or c.get("set_alpha_to_one") is False else "zero"
     linear = name in ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler")
     schedule = ScheduleConfig(
@@ -138,7 +123,7 @@ def translate_scheduler(cfg: dict[str, Any]) -> tuple[ScheduleConfig, str, Sampl
         interpolation="linear" if linear or name == "LMSDiscreteScheduler" else "log",
     )
     sampling = SamplingConfig(
-        sampler=sampler,
+        sampler=_sampler_for(name, c),
         steps=50,  # diffusers' StableDiffusionPipeline defaults
         guidance_scale=7.5,
         spacing=spacing,
@@ -149,6 +134,17 @@ def translate_scheduler(cfg: dict[str, Any]) -> tuple[ScheduleConfig, str, Sampl
         quantize=multistep and c["beta_schedule"] != "squaredcos_cap_v2",
     )
     return schedule, c["prediction_type"], sampling
+
+
+def _sampler_for(name: str, c: dict[str, Any]) -> str:
+    """Our sampler for class ``name`` with config ``c``: the record of that class whose selecting entries match."""
+    if name in _STAND_INS:
+        return _STAND_INS[name]
+    if "algorithm_type" in c:  # DPM-Solver forms run as their DPM-Solver++ counterparts (see _IGNORED)
+        c = {**c, "algorithm_type": c["algorithm_type"].removesuffix("++") + "++"}
+    found = [i for i in SAMPLER_INFO.values() if i.diffusers_name == name]
+    found = [i for i in found if all(c.get(key) == value for key, value in i.diffusers_config)]
+    return max(found, key=lambda i: len(i.diffusers_config)).name  # the most specific match
 
 
 # These bound karras/exponential grids by their spaced grid's ends, not the training range (diffusers 0.42).

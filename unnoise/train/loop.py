@@ -71,9 +71,8 @@ class _Run:
             module.to(world.device).train()
         self.nets = {name: wrap(m, world) for name, m in self.task.modules.items()}
         o = cfg.optim
-        lrs = {"model": o.lr, "disc": cfg.autoencoder.disc_lr or o.lr}
-        self.optimizers = {
-            name: torch.optim.AdamW(m.parameters(), lr=lrs[name], betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+        self.optimizers = {  # the learning rate is set before every step (_optimizer_step)
+            name: torch.optim.AdamW(m.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
             for name, m in self.task.modules.items()
         }
         e = cfg.ema
@@ -111,9 +110,8 @@ class _Run:
         cfg, world = self.cfg, self.world
         lr = learning_rate(self.step, cfg)
         for name, opt in self.optimizers.items():
-            scale = (cfg.autoencoder.disc_lr or cfg.optim.lr) / cfg.optim.lr if name == "disc" else 1.0
             for group in opt.param_groups:
-                group["lr"] = lr * scale
+                group["lr"] = lr * self.task.lr_scale(name)
         micro_batch = cfg.train.batch_size // cfg.train.accumulate
         shard = world.shard(micro_batch)
         indices = self.order.take(cfg.train.batch_size)
@@ -125,8 +123,8 @@ class _Run:
                 out = self.task.loss(self.nets, indices, part, self.step)
                 # each process's sum over its part, scaled so that DDP's mean over processes is the batch mean
                 scale = world.size / cfg.train.batch_size
-                backward = out["loss"] * scale + out.get("disc_loss", 0.0) * scale
-                backward.backward()
+                terms = [out[key] * scale for key in self.task.backward_keys if key in out]
+                sum(terms[1:], terms[0]).backward()
             for key, value in out.items():
                 totals[key] = totals.get(key, 0.0) + float(torch.as_tensor(value).detach()) / cfg.train.batch_size
         logs = {k: float(world.mean(torch.tensor(v * world.size, dtype=torch.float64))) for k, v in totals.items()}
