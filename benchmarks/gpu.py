@@ -35,7 +35,8 @@ from unnoise.core.guidance import CFGDenoiser  # noqa: E402
 from unnoise.core.samplers import sample  # noqa: E402
 from unnoise.core.schedules import VPSchedule  # noqa: E402
 from unnoise.models.io import diffusers_key, load_state  # noqa: E402
-from unnoise.models.layers import set_upsample_fusion, set_weight_packing  # noqa: E402
+from unnoise.models.layers import set_upsample_fusion  # noqa: E402
+from unnoise.models.packing import set_weight_packing  # noqa: E402
 from unnoise.models.unet import UNet, UNetConfig  # noqa: E402
 from unnoise.models.vae import AutoencoderKL, AutoencoderKLConfig  # noqa: E402
 

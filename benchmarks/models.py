@@ -30,12 +30,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.gpu import SD15_UNET, SD15_VAE, build, import_diffusers  # noqa: E402
-from unnoise.models.layers import Upsample2D, kept_packed_bytes, set_upsample_fusion, set_weight_packing  # noqa: E402
+from unnoise.models.layers import Upsample2D, set_upsample_fusion  # noqa: E402
+from unnoise.models.packing import kept_packed_bytes, prepare_for_inference, set_weight_packing  # noqa: E402
 
 UNET = {**SD15_UNET, "block_out_channels": [96, 192, 384, 384], "sample_size": 32}
 VAE = {**SD15_VAE, "block_out_channels": [64, 128, 256, 256], "sample_size": 256}
 SETTINGS = {
-    "default": {},
+    # the Pipeline's: ``prepare_for_inference`` on each of our models (conv weights packed in place, matrix products
+    # through PyTorch; upsampling unfused in the U-Net, fused in the VAE)
+    "default": {"prepare_for_inference": True},
+    "packed_beside": {},  # a bare model's: each conv's packed weight kept beside the plain one, fused upsampling
     "channels_last": {"memory_format": torch.channels_last},
     "unfused_upsampling": {"fused_upsampling": False},  # ours only: nearest 2x then the 3x3 conv, as diffusers
     "unpacked_weights": {"weight_packing": False},  # ours only: PyTorch's conv/linear kernels, as diffusers
@@ -84,6 +88,9 @@ def prepare(setting: str):
     if SETTINGS[setting].get("in_place_packing"):
         for m in models[:2]:
             set_weight_packing(m, True, in_place=True)
+    if SETTINGS[setting].get("prepare_for_inference"):
+        for m in models[:2]:
+            prepare_for_inference(m)
     for m in models:
         m.eval()
     return models, data
@@ -179,9 +186,15 @@ def report(results: dict, repeats: int, processes: int) -> str:
         "Stable Diffusion 1.5's U-Net and VAE shapes at reduced width: U-Net channels (96, 192, 384, 384), CFG batch "
         "of 2 at 32x32 latents, 77x768 context; VAE channels (64, 128, 256, 256) decoding one 32x32 latent to 256x256.",
         "",
-        "Peak = the resident-set growth during one call after a warm-up call. Between calls our models also keep "
+        "`default` is the library's default for inference, what the Pipeline sets: "
+        "`unnoise.models.packing.prepare_for_inference` on each model (conv weights packed in place, matrix "
+        "products through PyTorch's kernels; upsampling unfused in the U-Net, fused in the VAE). `packed_beside` is a "
+        "bare model's: each conv's weight reordered for oneDNN and kept beside the plain one, matrix products through "
+        "oneDNN, fused upsampling; the other settings change that one thing.",
+        "",
+        "Peak = the resident-set growth during one call after a warm-up call. Between calls our models may also keep "
         "tensors derived from their weights: on the CPU a copy of each conv weight reordered for oneDNN "
-        "(`unnoise.models.layers.packed_conv2d`) and each fused upsampler's phase kernel (`Upsample2D`); 'ours kept' "
+        "(`unnoise.models.packing.packed_conv2d`) and each fused upsampler's phase kernel (`Upsample2D`); 'ours kept' "
         "adds up their sizes. 'Warm-up' is the resident-set growth over the first call, which holds those tensors "
         "and whatever the kernels' libraries keep (oneDNN's compiled kernels, thread buffers) on either side. "
         "'Total' = weights + warm-up + peak: what a process needs for the model and its calls. The `packed_in_place` "

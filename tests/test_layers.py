@@ -7,7 +7,7 @@ from diffusers.models.attention_processor import Attention as DiffusersAttention
 from diffusers.models.resnet import ResnetBlock2D as DiffusersResnet
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
-from unnoise.models import layers
+from unnoise.models import layers, packing
 from unnoise.models.layers import (
     GEGLU,
     GroupNorm32,
@@ -17,6 +17,10 @@ from unnoise.models.layers import (
     Upsample2D,
     timestep_embedding,
 )
+
+# oneDNN's bf16 kernels (AVX-512 or AMX): where the CPU has none (AVX2), bf16 convolutions run PyTorch's own and
+# nothing is packed. The tests assert whichever the CPU does, so that they pass on every CPU.
+BF16_PACKS = packing.onednn_runs(torch.bfloat16, "cpu")
 
 
 def copy_and_compare(ours, theirs, *args):
@@ -188,7 +192,7 @@ def test_fused_upsample_equals_interpolate_then_conv(fused_path, shape, channels
     (the CPU's default; beside the weights or in place of them) or not."""
     fused, plain = _upsamplers(shape[1])
     for module in (fused, plain):
-        layers.set_weight_packing(module, bool(packed), in_place=packed == "in_place")
+        packing.set_weight_packing(module, bool(packed), in_place=packed == "in_place")
     x = torch.randn(shape)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
@@ -238,7 +242,7 @@ def test_fused_upsample_phase_weights_by_hand():
 @pytest.mark.parametrize("in_place", [False, True])
 def test_fused_upsample_gradients_equal_and_kept_weights_follow_changes(fused_path, in_place):
     fused, plain = _upsamplers(6, seed=1)
-    layers.set_weight_packing(fused, True, in_place=in_place)
+    packing.set_weight_packing(fused, True, in_place=in_place)
     x = torch.randn(2, 6, 4, 5, requires_grad=True)
     x2 = x.detach().clone().requires_grad_()
     g = torch.randn(2, 6, 8, 10)
@@ -261,9 +265,9 @@ def test_fused_upsample_gradients_equal_and_kept_weights_follow_changes(fused_pa
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want.float(), atol=0.05, rtol=0.02)
     assert plain.fused_weight_bytes() == 0 and fused.phase_kernel_bytes() == 16 * 6 * 6 * 2
-    if in_place and fused_path == "phase":  # only the packed phase kernel is kept
+    if in_place and fused_path == "phase" and BF16_PACKS:  # only the packed phase kernel is kept
         assert fused._cache is None and fused.fused_weight_bytes() == 0
-        assert layers.kept_packed_bytes(fused) == layers.packed_weight_bytes(fused) == fused.phase_kernel_bytes()
+        assert packing.kept_packed_bytes(fused) == packing.packed_weight_bytes(fused) == fused.phase_kernel_bytes()
     else:
         assert fused.fused_weight_bytes() == fused.phase_kernel_bytes()
 
@@ -289,9 +293,9 @@ def test_fused_kernel_follows_the_conv_weight_layout():
 # -- weights packed for oneDNN (CPU inference) ----------------------------------------------------------------------
 
 
-def _conv(c_in: int, c_out: int, k: int, seed: int = 0, **kwargs) -> layers.Conv2d:
+def _conv(c_in: int, c_out: int, k: int, seed: int = 0, **kwargs) -> packing.Conv2d:
     torch.manual_seed(seed)
-    return layers.Conv2d(c_in, c_out, k, **kwargs)
+    return packing.Conv2d(c_in, c_out, k, **kwargs)
 
 
 @pytest.mark.parametrize(
@@ -308,8 +312,10 @@ def test_packed_conv_equals_pytorch_conv(c_in, c_out, k, kwargs, channels_last, 
     want = F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding)
     with torch.no_grad():
         got = conv(x)
-    assert "_packed" in conv.__dict__ and got.dtype == dtype
-    assert got.is_contiguous(memory_format=torch.channels_last)  # oneDNN's layout; the models restore the input's
+    packs = packing.onednn_runs(dtype, "cpu")
+    assert ("_packed" in conv.__dict__) == packs and got.dtype == dtype
+    if packs:
+        assert got.is_contiguous(memory_format=torch.channels_last)  # oneDNN's layout; the models restore the input's
     if dtype == torch.float32:
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     else:  # the same bfloat16 products, summed in float32 in another order: at most a rounding or two apart
@@ -320,7 +326,7 @@ def test_packed_conv_equals_pytorch_conv(c_in, c_out, k, kwargs, channels_last, 
 def test_onednn_linear_equals_pytorch_linear(dtype):
     torch.manual_seed(0)
     for bias in (True, False):
-        linear = layers.Linear(24, 40, bias=bias).to(dtype)
+        linear = packing.Linear(24, 40, bias=bias).to(dtype)
         x = torch.randn(3, 7, 48)[..., ::2].to(dtype)  # 3-D and not contiguous
         with torch.no_grad():
             got, flat = linear(x), linear(x.reshape(21, 24))
@@ -348,7 +354,9 @@ def test_packed_weight_follows_every_change_of_the_weight():
         conv.weight = torch.nn.Parameter(torch.randn_like(conv.weight))  # a new tensor
         torch.testing.assert_close(conv(x), plain(), atol=1e-5, rtol=1e-5)
         conv.to(torch.bfloat16)
-        assert conv(x.bfloat16()).dtype == torch.bfloat16 and conv._packed[2].dtype == torch.bfloat16
+        assert "_packed" not in conv.__dict__  # the copy of the float32 weight is gone with it
+        assert conv(x.bfloat16()).dtype == torch.bfloat16 and ("_packed" in conv.__dict__) == BF16_PACKS
+        assert not BF16_PACKS or conv._packed[2].dtype == torch.bfloat16
 
 
 def test_packing_is_skipped_where_it_does_not_apply():
@@ -394,50 +402,51 @@ def test_set_weight_packing_switches_every_layer_and_clears_the_kept_weights():
         packed = run()
         resnet_convs = [model[0].conv1, model[0].conv2, model[0].conv_shortcut]
         expected = sum(c.weight.numel() * 4 for c in resnet_convs)  # the transformer's 1x1 projections keep nothing
-        assert layers.packed_weight_bytes(model) == layers.kept_packed_bytes(model) == expected
-        layers.set_weight_packing(model, False)
-        assert layers.packed_weight_bytes(model) == layers.kept_packed_bytes(model) == 0
-        assert not any(m.packed for m in model.modules() if isinstance(m, (layers.Conv2d, layers.Linear)))
+        assert packing.packed_weight_bytes(model) == packing.kept_packed_bytes(model) == expected
+        packing.set_weight_packing(model, False)
+        assert packing.packed_weight_bytes(model) == packing.kept_packed_bytes(model) == 0
+        assert not any(m.packed for m in model.modules() if isinstance(m, (packing.Conv2d, packing.Linear)))
         torch.testing.assert_close(run(), packed, atol=1e-5, rtol=1e-5)
-        assert layers.kept_packed_bytes(model) == 0
-        layers.set_weight_packing(model, True)
+        assert packing.kept_packed_bytes(model) == 0
+        packing.set_weight_packing(model, True)
         torch.testing.assert_close(run(), packed, atol=0, rtol=0)
     with pytest.raises(ValueError, match="enabled='no' must be True or False"):
-        layers.set_weight_packing(model, "no")
+        packing.set_weight_packing(model, "no")
 
 
 def test_packed_weight_bytes_counts_the_fused_upsamplers_phase_kernel():
     up = layers.Upsample2D(8)
     with torch.no_grad():
         up(torch.randn(1, 8, 4, 4))
-    assert layers.packed_weight_bytes(up) == up.fused_weight_bytes() == layers.kept_packed_bytes(up)
+    assert packing.packed_weight_bytes(up) == up.fused_weight_bytes() == packing.kept_packed_bytes(up)
     assert up._packed[2].numel() * 4 == up.fused_weight_bytes()
-    assert layers.packed_weight_bytes(up.half()) == 0
+    assert packing.packed_weight_bytes(up.half()) == 0
 
 
-def _in_place_conv(seed: int = 0) -> layers.Conv2d:
+def _in_place_conv(seed: int = 0) -> packing.Conv2d:
     conv = _conv(8, 16, 3, seed=seed, padding=1)
-    layers.set_weight_packing(conv, True, in_place=True)
+    packing.set_weight_packing(conv, True, in_place=True)
     return conv
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_in_place_packing_replaces_the_weight_and_gives_it_back_bit_for_bit(dtype):
     conv = _in_place_conv().to(dtype)
+    packs = packing.onednn_runs(dtype, "cpu")
     weight, plain = conv.weight, conv.weight.detach().clone()
     x = torch.randn(2, 8, 6, 6, dtype=dtype)
     want = F.conv2d(x, plain, conv.bias, padding=1)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     with torch.inference_mode():
         got = conv(x)
-        assert conv.weight is weight and weight.is_mkldnn and "_packed" not in conv.__dict__  # no copy beside it
+        assert conv.weight is weight and weight.is_mkldnn == packs and "_packed" not in conv.__dict__  # no copy
         torch.testing.assert_close(got, want, atol=tol, rtol=tol)
         other = torch.randn(1, 8, 10, 10, dtype=dtype)  # another input shape: packed again for it
         torch.testing.assert_close(conv(other), F.conv2d(other, plain, conv.bias, padding=1), atol=tol, rtol=tol)
         assert torch.equal(conv(x), got)
-    assert layers.packed_weight_bytes(conv) == layers.kept_packed_bytes(conv) == 0
+    assert packing.packed_weight_bytes(conv) == packing.kept_packed_bytes(conv) == 0
     state = conv.state_dict()["weight"]
-    assert not state.is_mkldnn and torch.equal(state, plain) and weight.is_mkldnn  # saving leaves it packed
+    assert not state.is_mkldnn and torch.equal(state, plain) and weight.is_mkldnn == packs  # saving leaves it packed
     conv.unpack_in_place()
     assert conv.weight is weight and not weight.is_mkldnn and weight.requires_grad and torch.equal(weight, plain)
 
@@ -469,7 +478,7 @@ def test_in_place_packed_weight_comes_back_for_every_other_use(tmp_path):
         "float16": lambda c: c.half()(x.half()),
         "to": lambda c: c.to(torch.float64),
         "load_state_dict": lambda c: c.load_state_dict(_conv(8, 16, 3, seed=1, padding=1).state_dict()),
-        "unpacked": lambda c: layers.set_weight_packing(c, True),
+        "unpacked": lambda c: packing.set_weight_packing(c, True),
     }
     for name, use in uses.items():
         conv = _in_place_conv()
@@ -486,7 +495,7 @@ def test_in_place_packed_weight_comes_back_for_every_other_use(tmp_path):
             assert torch.equal(clone.weight, reference.weight) and torch.equal(clone(x), want)
         conv.weight.grad = None
         up = layers.Upsample2D(8)
-        layers.set_weight_packing(up, True, in_place=True)
+        packing.set_weight_packing(up, True, in_place=True)
         layers.set_upsample_fusion(up, False)
         up(x)  # unfused: the 3x3 conv is packed in place
         assert up.conv.weight.is_mkldnn
@@ -501,8 +510,22 @@ def _saved(module, tmp_path):
     return path
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_conv_backend_names_the_kernel_that_runs(dtype):
+    """The VRAM planner sizes a convolution's workspace by ``conv_backend``: packed where oneDNN runs the dtype here,
+    else the kernel PyTorch's own convolution selects on this CPU (oneDNN, or im2col where oneDNN has no kernel)."""
+    conv = _conv(16, 16, 3, padding=1).to(dtype)
+    x = torch.randn(2, 16, 32, 32, dtype=dtype)
+    own = torch._C._select_conv_backend(x, conv.weight, conv.bias, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, None)
+    unpacked = {"Mkldnn": "onednn", "Slow2d": "unfold"}[own.name]
+    assert packing.conv_backend(conv) == ("packed" if packing.onednn_runs(dtype, "cpu") else unpacked)
+    packing.set_weight_packing(conv, False)
+    assert packing.conv_backend(conv) == unpacked
+    assert packing.conv_backend(conv.to("meta")) == "device" and packing.conv_backend(torch.nn.ReLU()) == "packed"
+
+
 def test_set_weight_packing_rejects_in_place_without_packing():
     with pytest.raises(ValueError, match="in_place=True packs weights: it needs enabled=True"):
-        layers.set_weight_packing(_conv(2, 2, 1), False, in_place=True)
+        packing.set_weight_packing(_conv(2, 2, 1), False, in_place=True)
     with pytest.raises(ValueError, match="in_place=1 must be True or False"):
-        layers.set_weight_packing(_conv(2, 2, 1), True, in_place=1)
+        packing.set_weight_packing(_conv(2, 2, 1), True, in_place=1)

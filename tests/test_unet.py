@@ -9,7 +9,7 @@ import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
 from safetensors.torch import load_file, save_file
 
-from unnoise.models import layers, load_diffusers, load_model, save_model
+from unnoise.models import layers, load_diffusers, load_model, packing, save_model
 from unnoise.models.unet import UNet, UNetConfig
 
 ATOL = 1e-4
@@ -328,9 +328,9 @@ def test_packed_weights_match_pytorch_kernels_and_keep_the_input_layout():
     model = mixed_model()
     x, cond = inputs(MIXED)
     packed = model(x, 3, **cond)
-    assert layers.packed_weight_bytes(model) > 0 and packed.is_contiguous()
+    assert packing.packed_weight_bytes(model) > 0 and packed.is_contiguous()
     plain = copy.deepcopy(model)
-    layers.set_weight_packing(plain, False)
+    packing.set_weight_packing(plain, False)
     torch.testing.assert_close(packed, plain(x, 3, **cond), atol=1e-5, rtol=0)
     last = model(x.to(memory_format=torch.channels_last), 3, **cond)
     assert last.is_contiguous(memory_format=torch.channels_last) and not last.is_contiguous()
@@ -347,18 +347,41 @@ def test_weights_packed_in_place_match_and_keep_no_copy(fused):
     x, cond = inputs(MIXED)
     with torch.no_grad():
         want = model(x, 3, **cond)
-        layers.set_weight_packing(model, True, in_place=True)
+        packing.set_weight_packing(model, True, in_place=True)
         got = model(x, 3, **cond)
         again = model(x, 3, **cond)
-    assert any(m.weight.is_mkldnn for m in model.modules() if isinstance(m, layers.Conv2d))
+    assert any(m.weight.is_mkldnn for m in model.modules() if isinstance(m, packing.Conv2d))
     upsamplers = [m for m in model.modules() if isinstance(m, layers.Upsample2D) and m.conv is not None]
     phase_kernels = sum(m.phase_kernel_bytes() for m in upsamplers) if fused else 0
-    assert layers.packed_weight_bytes(model) == layers.kept_packed_bytes(model) == phase_kernels
+    assert packing.packed_weight_bytes(model) == packing.kept_packed_bytes(model) == phase_kernels
     assert upsamplers and all(m._cache is None and m.fused_weight_bytes() == 0 for m in upsamplers)  # packed only
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     assert torch.equal(again, got)
     state = model.state_dict()
     assert all(torch.equal(state[k], v) for k, v in plain_state.items())
+
+
+def test_prepare_for_inference_packs_in_place_and_unfuses_upsampling_on_the_cpu():
+    """The Pipeline's defaults for a U-Net: conv weights packed in place, matrix products through PyTorch and, on the
+    CPU, unfused upsampling (fused on other devices); the same outputs, nothing kept beside the weights, plain weights
+    saved; harmless to repeat."""
+    model = mixed_model()
+    x, cond = inputs(MIXED)
+    with torch.no_grad():
+        want = model(x, 3, **cond)
+        packing.prepare_for_inference(model)
+        packing.prepare_for_inference(model)
+        got = model(x, 3, **cond)
+    upsamplers = [m for m in model.modules() if isinstance(m, layers.Upsample2D)]
+    convs = [m for m in model.modules() if isinstance(m, packing.Conv2d)]
+    assert upsamplers and not any(m.fused for m in upsamplers)
+    assert all(c.pack_in_place for c in convs) and any(c.weight.is_mkldnn for c in convs)
+    assert not any(m.packed for m in model.modules() if isinstance(m, (packing.Linear, packing.TokenConv2d)))
+    assert packing.kept_packed_bytes(model) == packing.packed_weight_bytes(model) == 0
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in mixed_model().state_dict().items())
+    packing.prepare_for_inference(model.to("meta"))
+    assert all(m.fused for m in upsamplers)
 
 
 @torch.no_grad()
@@ -388,11 +411,11 @@ def test_compile_matches():
     expected = model(x, 3, **cond)
     compiled = copy.deepcopy(model).compile(backend="aot_eager", dynamic=False)
     assert torch.allclose(compiled(x, 3, **cond), expected, atol=1e-5)
-    layers.set_weight_packing(model, True, in_place=True)
+    packing.set_weight_packing(model, True, in_place=True)
     model(x, 3, **cond)  # packs the conv weights in place, which torch.compile cannot trace: compile unpacks them
     model.compile(backend="aot_eager", dynamic=False)
     assert torch.allclose(model(x, 3, **cond), expected, atol=1e-5)
-    assert not any(m.weight.is_mkldnn or m.pack_in_place for m in model.modules() if isinstance(m, layers.Conv2d))
+    assert not any(m.weight.is_mkldnn or m.pack_in_place for m in model.modules() if isinstance(m, packing.Conv2d))
 
 
 @pytest.mark.slow

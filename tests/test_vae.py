@@ -12,7 +12,8 @@ from helpers import randomize
 from safetensors.torch import load_file, save_file
 
 from unnoise.models import load_diffusers, load_model, save_model
-from unnoise.models.layers import packed_weight_bytes, set_attention_mode, set_weight_packing
+from unnoise.models.layers import Upsample2D, set_attention_mode
+from unnoise.models.packing import Conv2d, packed_weight_bytes, prepare_for_inference, set_weight_packing
 from unnoise.models.vae import AutoencoderKL, AutoencoderKLConfig, _tile_starts, _tiled
 
 PARITY_ATOL = 1e-4  # fp32 acceptance bound against diffusers
@@ -300,6 +301,17 @@ def test_packed_weights_match_pytorch_kernels_and_keep_the_input_layout(vae):
     torch.testing.assert_close(image, plain.decode(z), atol=1e-5, rtol=0)
     last = vae.decode(z.to(memory_format=torch.channels_last))
     assert last.is_contiguous(memory_format=torch.channels_last) and not last.is_contiguous()
+
+
+@torch.no_grad()
+def test_prepare_for_inference_packs_in_place_and_keeps_fused_upsampling(vae):
+    """The Pipeline's defaults for a VAE: conv weights packed in place, upsampling fused; the same images."""
+    z = randn(2, 4, 8, 8, seed=20)
+    model = copy.deepcopy(vae)
+    prepare_for_inference(model)
+    torch.testing.assert_close(model.decode(z), vae.decode(z), atol=1e-5, rtol=0)
+    assert all(m.fused for m in model.modules() if isinstance(m, Upsample2D))
+    assert any(m.weight.is_mkldnn for m in model.modules() if isinstance(m, Conv2d))
 
 
 @torch.no_grad()

@@ -1,18 +1,28 @@
 """Building blocks shared by the U-Net and the autoencoder.
 
 Submodule names follow the diffusers layout (``norm1``, ``conv1``, ``time_emb_proj``, ``to_q``, ``to_out.0``,
-``proj_in``, ``transformer_blocks``, ...), so Stable Diffusion weights load with an almost empty key map.
+``proj_in``, ``transformer_blocks``, ...), so Stable Diffusion weights load with an almost empty key map. The
+convolutions and linear layers are ``packing``'s drop-ins for ``nn.Conv2d`` / ``nn.Linear``, which run CPU inference
+through oneDNN on weights reordered once; the blocks here need not know how.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from unnoise.models.packing import (
+    Conv2d,
+    Linear,
+    PackedHolder,
+    TokenConv2d,
+    maybe_packed_conv2d,
+    packed_conv2d,
+)
 
 ATTENTION_MODES = ("sdpa", "chunked", "auto")
 # "auto": plain matrix products up to this many query x key pairs, fused SDPA above. On CPU the plain path's backward
@@ -39,199 +49,6 @@ class GroupNorm32(nn.GroupNorm):
             b = self.bias.float() if self.bias is not None else None
             return F.group_norm(x.float(), self.num_groups, w, b, self.eps).to(x.dtype)
         return super().forward(x)
-
-
-# On the CPU without autograd, convolutions run oneDNN's kernel on a copy of the weight reordered once into its
-# blocked layout (``Conv2d``) instead of reordering it on every call: 0.7-0.85x the time of a 3x3 conv on 8x8 and
-# 4x4 maps with 384 channels, where the per-call reorder costs as much as the arithmetic. The copy stays resident
-# (the size of the conv weights; ``packed_weight_bytes``, counted by the serving VRAM planner). oneDNN writes
-# convolution results channels-last, which the following GroupNorm, attention (whose token view of a channels-last
-# map needs no copy) and convolutions take as they are; the models return their output in the input's layout.
-# Linear layers run oneDNN's matrix product with the bias inside it (``Linear``). Measured in
-# docs/benchmarks/models.md; ``set_weight_packing(model, False)`` keeps PyTorch's own kernels.
-PACKED_DTYPES = (torch.float32, torch.bfloat16)
-
-
-def packing_applies(x: Tensor, weight: Tensor) -> bool:
-    """Whether ``packed_conv2d`` / ``onednn_linear`` can run: CPU, float32 or bfloat16 (where oneDNN supports it)
-    on both sides, no autograd, no autocast, not inside ``torch.compile`` (which fuses convolutions itself)."""
-    return (
-        not torch.compiler.is_compiling()
-        and x.device.type == "cpu"
-        and x.dtype == weight.dtype
-        and x.dtype in PACKED_DTYPES
-        and not torch.is_grad_enabled()
-        and not torch.is_autocast_enabled("cpu")  # autocast does not reach oneDNN's ops: PyTorch's own path
-        and torch.backends.mkldnn.is_available()
-        and (x.dtype != torch.bfloat16 or torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    )
-
-
-def reorder_conv_weight(weight: Tensor, input_shape: tuple, stride: tuple, padding: tuple) -> Tensor:
-    """``weight`` as a oneDNN tensor in the blocked layout its convolution of an ``input_shape`` input reads."""
-    return torch._C._nn.mkldnn_reorder_conv2d_weight(
-        weight.detach().to_mkldnn(), list(padding), list(stride), [1, 1], 1, list(input_shape)
-    )
-
-
-def onednn_conv2d(x: Tensor, packed: Tensor, bias: Tensor | None, stride: tuple, padding: tuple) -> Tensor:
-    """oneDNN's convolution of ``x`` with a weight from ``reorder_conv_weight`` (channels-last output)."""
-    return torch.ops.mkldnn._convolution_pointwise(
-        x, packed, bias, list(padding), list(stride), [1, 1], 1, "none", [], ""
-    )
-
-
-def packed_conv2d(
-    holder: nn.Module,
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    stride: tuple,
-    padding: tuple,
-    derive: Callable[[Tensor], Tensor] | None = None,
-) -> Tensor:
-    """``F.conv2d(x, weight, bias, stride, padding)`` from ``weight`` reordered once for ``x``'s shape and kept on
-    ``holder`` until the shape or the weight (its storage, version, dtype) changes; with ``derive``, the
-    convolution's weight is ``derive(weight)``, built and reordered without keeping the plain result. The reordered
-    copy keeps a reference to ``weight`` so that its storage cannot be freed and reused by another tensor under the
-    same key. An inference tensor has no version counter: pass one only where nothing changes it in place (a kernel
-    this module derived itself)."""
-    version = 0 if weight.is_inference() else weight._version
-    key = (derive, weight.data_ptr(), version, weight.dtype, tuple(x.shape), tuple(stride), tuple(padding))
-    cached = holder.__dict__.get("_packed")
-    if cached is None or cached[0] != key or cached[1] is not weight:
-        with torch.no_grad():
-            packed = reorder_conv_weight(weight if derive is None else derive(weight), x.shape, stride, padding)
-        holder.__dict__["_packed"] = cached = (key, weight, packed)
-    return onednn_conv2d(x, cached[2], bias, stride, padding)
-
-
-def onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """``F.linear(x, weight.flatten(1), bias)`` through oneDNN (a 1x1 convolution's weight may be passed as it is),
-    which adds the bias inside the product where ``addmm`` first copies it into every output row. Unlike the
-    convolutions it needs no reordered copy of the weight: keeping one measured no faster."""
-    return torch.ops.mkldnn._linear_pointwise(x, weight.flatten(1), bias, "none", [], "")
-
-
-class PackedHolder(nn.Module):
-    """A module that may keep a reordered weight (``packed_conv2d``): copies and pickles of it leave that behind
-    (a oneDNN-only tensor, rebuilt on the next call)."""
-
-    def __getstate__(self):
-        state = super().__getstate__()
-        state.pop("_packed", None)
-        return state
-
-
-class Linear(nn.Linear):
-    """``nn.Linear`` (same parameters, state-dict keys and results up to float rounding) whose CPU inference calls
-    run ``onednn_linear``; ``packed = False`` (``set_weight_packing``) keeps PyTorch's own path."""
-
-    packed = True
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.packed and x.ndim >= 2 and packing_applies(x, self.weight):
-            return onednn_linear(x, self.weight, self.bias)
-        return super().forward(x)
-
-
-class Conv2d(PackedHolder, nn.Conv2d):
-    """``nn.Conv2d`` (same parameters, state-dict keys and results up to float rounding) whose CPU inference calls
-    run ``packed_conv2d``; ``packed = False`` (``set_weight_packing``) keeps PyTorch's own path.
-
-    With ``pack_in_place`` (``set_weight_packing(model, True, in_place=True)``) the reordered weight replaces the
-    plain one inside the ``weight`` parameter (the same object, through ``torch.utils.swap_tensors``) instead of
-    sitting beside it, so packing costs no memory. Whatever needs the plain weight gets it back first, bit for bit
-    with its ``requires_grad`` and ``grad``: a call with autograd, autocast, another dtype or device, or inside
-    ``torch.compile``; ``state_dict`` (which always holds the plain weight), ``load_state_dict``, ``.to()`` and its
-    kin, copies and pickles. Code that reads the parameter directly between inference calls (an EMA update, say)
-    sees a oneDNN tensor, and ``torch.compile`` cannot trace one: call ``unpack_in_place`` or
-    ``set_weight_packing(model, True)`` first (``UNet.compile`` does). Where the parameter
-    cannot be swapped (something holds a weak reference to it) the conv runs PyTorch's kernel instead.
-    """
-
-    packed = True
-    pack_in_place = False
-
-    def _packable(self, x: Tensor) -> bool:
-        return (
-            self.packed
-            and x.ndim == 4
-            and self.groups == 1
-            and self.padding_mode == "zeros"
-            and not isinstance(self.padding, str)
-            and self.dilation == (1, 1)
-            and not self.weight.is_inference()  # no version counter: in-place changes to it would go unnoticed
-            and packing_applies(x, self.weight)
-        )
-
-    def forward(self, x: Tensor) -> Tensor:
-        packable = self._packable(x)
-        if packable and self.pack_in_place:
-            return self._in_place_conv(x)
-        self.unpack_in_place()
-        if packable:
-            return packed_conv2d(self, x, self.weight, self.bias, self.stride, self.padding)
-        return super().forward(x)
-
-    def _in_place_conv(self, x: Tensor) -> Tensor:
-        weight, key = self.weight, (x.dtype, tuple(x.shape))
-        if not weight.is_mkldnn or self.__dict__.get("_in_place_key") != key:
-            state = self.__dict__.get("_plain_state") or (weight.requires_grad, weight.grad)
-            with torch.inference_mode(False), torch.no_grad():  # a parameter cannot be an inference tensor
-                plain = weight.to_dense() if weight.is_mkldnn else weight
-                packed = reorder_conv_weight(plain, x.shape, self.stride, self.padding)
-                if not self._swap(nn.Parameter(packed, requires_grad=False)):
-                    return super().forward(x)  # something holds a weak reference to the parameter: PyTorch's path
-            self.__dict__["_plain_state"] = state
-            self.__dict__.pop("_packed", None)
-            self.__dict__["_in_place_key"] = key
-        return onednn_conv2d(x, weight, self.bias, self.stride, self.padding)
-
-    def _swap(self, replacement: nn.Parameter) -> bool:
-        """Give the ``weight`` parameter object ``replacement``'s contents (optimizers and hooks that hold it keep
-        the same object); False where PyTorch refuses (weak references to the parameter)."""
-        try:
-            torch.utils.swap_tensors(self.weight, replacement)
-        except RuntimeError:
-            return False
-        return True
-
-    def unpack_in_place(self) -> None:
-        """Put the plain weight back into the ``weight`` parameter (with its ``requires_grad`` and ``grad``) if
-        ``pack_in_place`` packed it; no-op otherwise."""
-        if self.weight.is_mkldnn:
-            requires_grad, grad = self.__dict__.pop("_plain_state", (True, None))
-            if not self._swap(self._plain_weight(requires_grad)):
-                raise RuntimeError(f"cannot unpack the weight of {self!r}: something holds a weak reference to it")
-            self.weight.grad = grad
-            self.__dict__.pop("_in_place_key", None)
-
-    def _plain_weight(self, requires_grad: bool) -> nn.Parameter:
-        with torch.inference_mode(False), torch.no_grad():
-            return nn.Parameter(self.weight.to_dense(), requires_grad=requires_grad)
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.weight.is_mkldnn:
-            plain = self._plain_weight(self.__dict__.get("_plain_state", (True, None))[0])
-            destination[prefix + "weight"] = plain if keep_vars else plain.detach()
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        self.unpack_in_place()
-        super()._load_from_state_dict(*args, **kwargs)
-
-    def _apply(self, fn, recurse=True):
-        self.unpack_in_place()
-        return super()._apply(fn, recurse)
-
-    def __getstate__(self):
-        state = super().__getstate__()
-        state.pop("_in_place_key", None)
-        requires_grad, _ = state.pop("_plain_state", (True, None))
-        if self.weight.is_mkldnn:  # the copy gets the plain weight (and packs its own on its first call)
-            state["_parameters"] = {**state["_parameters"], "weight": self._plain_weight(requires_grad)}
-        return state
 
 
 def timestep_embedding(
@@ -347,8 +164,8 @@ class Upsample2D(PackedHolder):
     stride-2 transposed convolution with a 4x4 kernel, which writes the interleaved output itself; on the CPU one
     2x2 convolution with the four phases as output channels, then a copy that interleaves them (faster there).
     Without gradients the fused kernel is kept between calls (16/9 of the conv weight; ``fused_weight_bytes``) and
-    rebuilt when the weight changes. With the conv packed in place (``Conv2d.pack_in_place``) on the CPU only the
-    kernel reordered for oneDNN is kept, built straight from the conv weight.
+    rebuilt when the weight changes. With the conv packed in place (``packing.Conv2d.pack_in_place``) on the CPU only
+    the kernel reordered for oneDNN is kept, built straight from the conv weight.
     """
 
     def __init__(self, channels: int, *, use_conv: bool = True, fused: bool = True):
@@ -372,8 +189,8 @@ class Upsample2D(PackedHolder):
 
     def fused_weight_bytes(self) -> int:
         """Bytes of the plain fused kernel kept between calls without gradients (0 when not fused, or where only
-        its packed copy is kept: ``packed_weight_bytes`` counts that one)."""
-        if self.conv is None or not self.fused or self._packs_phase_in_place(self.conv.weight):
+        its packed copy is kept: ``packing.packed_weight_bytes`` counts that one)."""
+        if self.conv is None or not self.fused or self._keeps_packed_phase_only():
             return 0
         return self.phase_kernel_bytes()
 
@@ -382,15 +199,19 @@ class Upsample2D(PackedHolder):
         w = self.conv.weight
         return 16 * w.shape[0] * w.shape[1] * w.element_size()
 
-    def _packs_phase_in_place(self, w: Tensor) -> bool:
-        conv = self.conv
-        return (
-            conv.packed
-            and conv.pack_in_place
-            and w.device.type in PHASE_CONV_DEVICES
-            and w.dtype in PACKED_DTYPES
-            and not w.is_inference()
-        )
+    def planned_packed_bytes(self) -> int:
+        """Bytes of reordered weights kept after CPU inference (``packing.packed_weight_bytes``): the conv's when
+        unfused, the packed phase kernel when fused (the transposed convolution off the CPU keeps none)."""
+        if self.conv is None:
+            return 0
+        if not self.fused:
+            return self.conv.planned_packed_bytes()
+        if self.conv.weight.device.type not in PHASE_CONV_DEVICES:
+            return 0
+        return self.conv.planned_packed_bytes(derived_bytes=self.phase_kernel_bytes())
+
+    def _keeps_packed_phase_only(self) -> bool:
+        return self.conv.weight.device.type in PHASE_CONV_DEVICES and self.conv.packs_derived_in_place()
 
     def _fused_weight(self, kind: str) -> Tensor:
         w = self.conv.weight
@@ -406,21 +227,17 @@ class Upsample2D(PackedHolder):
 
     def _phase_forward(self, x: Tensor) -> Tensor:
         b, _, h, w = x.shape
-        out_channels = self.conv.out_channels
-        bias = self.conv.bias.repeat(4) if self.conv.bias is not None else None
-        weight = self.conv.weight
-        if self._packs_phase_in_place(weight) and packing_applies(x, weight):
+        conv = self.conv
+        bias = conv.bias.repeat(4) if conv.bias is not None else None
+        if conv.runs_derived_packed(x):
             self._cache = None  # only the packed kernel is kept, derived from the conv weight
-            y = packed_conv2d(self, x, weight, bias, (1, 1), (1, 1), derive=upsample_phase_weight)
+            y = packed_conv2d(self, x, conv.weight, bias, (1, 1), (1, 1), derive=upsample_phase_weight)
         else:
             kernel = self._fused_weight("phase").to(x.dtype)
-            if self.conv.packed and packing_applies(x, kernel):
-                y = packed_conv2d(self, x, kernel, bias, (1, 1), (1, 1))
-            else:
-                y = F.conv2d(x, kernel, bias, padding=1)
+            y = maybe_packed_conv2d(self, x, kernel, bias, (1, 1), (1, 1), packed=conv.packed)
         layout = memory_format_of(y)  # the convolution's choice from x's strides (a 1x1 x is contiguous in both)
-        y = y.unflatten(1, (2, 2, out_channels))  # (B, a, b, C, h + 1, w + 1)
-        out = torch.empty(b, out_channels, 2 * h, 2 * w, dtype=y.dtype, device=y.device, memory_format=layout)
+        y = y.unflatten(1, (2, 2, conv.out_channels))  # (B, a, b, C, h + 1, w + 1)
+        out = torch.empty(b, conv.out_channels, 2 * h, 2 * w, dtype=y.dtype, device=y.device, memory_format=layout)
         for a in (0, 1):  # phase (a, c) holds output pixel (2i + a, 2j + c) at (i + a, j + c)
             for c in (0, 1):
                 out[:, :, a::2, c::2] = y[:, a, c, :, a : a + h, c : c + w]
@@ -631,7 +448,7 @@ class Transformer2D(nn.Module):
         inner = heads * dim_head
         self.use_linear_projection = use_linear_projection
         self.norm = GroupNorm32(groups, channels, eps=1e-6)
-        proj = Linear if use_linear_projection else (lambda i, o: Conv2d(i, o, 1))
+        proj = Linear if use_linear_projection else TokenConv2d  # diffusers' 1x1 conv: a matrix product on tokens
         self.proj_in = proj(channels, inner)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(inner, heads, dim_head, context_dim=context_dim, dropout=dropout)
@@ -642,21 +459,11 @@ class Transformer2D(nn.Module):
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         b, c, h, w = x.shape
         tokens = self.norm(x).permute(0, 2, 3, 1).reshape(b, h * w, c)  # a view when x is channels-last
-        tokens = _project(self.proj_in, tokens)
+        tokens = self.proj_in(tokens)
         for block in self.transformer_blocks:
             tokens = block(tokens, context)
-        out = _project(self.proj_out, tokens).reshape(b, h, w, c).permute(0, 3, 1, 2)
+        out = self.proj_out(tokens).reshape(b, h, w, c).permute(0, 3, 1, 2)
         return _add(out.contiguous(memory_format=memory_format_of(x)), x, not torch.is_grad_enabled())
-
-
-def _project(layer: nn.Module, tokens: Tensor) -> Tensor:
-    """A projection on (B, N, C) tokens. A 1x1 convolution is a matrix product over channels: applied to the tokens
-    as one (its weight viewed as (out, in)) it is the same arithmetic without a convolution's layout reorders."""
-    if not isinstance(layer, Conv2d):
-        return layer(tokens)
-    if layer.packed and packing_applies(tokens, layer.weight):
-        return onednn_linear(tokens, layer.weight, layer.bias)
-    return F.linear(tokens, layer.weight.flatten(1), layer.bias)
 
 
 def memory_format_of(x: Tensor) -> torch.memory_format:
@@ -674,64 +481,7 @@ def set_upsample_fusion(module: nn.Module, enabled: bool) -> None:
     for layer in module.modules():
         if isinstance(layer, Upsample2D):
             layer.fused, layer._cache = enabled, None
-
-
-def packed_weight_bytes(module: nn.Module) -> int:
-    """Bytes of the reordered weights that the layers under ``module`` keep once it has run on the CPU without
-    autograd (``packed_conv2d``): one copy of each conv weight on the CPU in float32 or bfloat16, of the fused phase
-    kernel for a fused ``Upsample2D``; 0 on other devices or with packing switched off. A conv packed in place
-    (``pack_in_place``) keeps nothing beside its weight, and the 1x1 projections of a ``Transformer2D`` run as
-    matrix products on tokens and keep nothing either."""
-    fused = {id(m.conv): m for m in module.modules() if isinstance(m, Upsample2D) and m.conv is not None}
-    projections = {id(p) for m in module.modules() if isinstance(m, Transformer2D) for p in (m.proj_in, m.proj_out)}
-    total = 0
-    for layer in module.modules():
-        if not isinstance(layer, Conv2d) or not layer.packed or id(layer) in projections:
-            continue
-        w = layer.weight
-        if w.device.type != "cpu" or w.dtype not in PACKED_DTYPES:
-            continue
-        upsampler = fused.get(id(layer))
-        if layer.pack_in_place and (upsampler is None or not upsampler.fused):
-            continue
-        total += (
-            upsampler.phase_kernel_bytes()
-            if upsampler is not None and upsampler.fused
-            else w.numel() * w.element_size()
-        )
-    return total
-
-
-def kept_packed_bytes(module: nn.Module) -> int:
-    """Bytes of the reordered weights the layers under ``module`` hold now (what ``packed_weight_bytes`` plans)."""
-    packs = [m._packed[2] for m in module.modules() if "_packed" in m.__dict__]
-    return sum(p.numel() * p.element_size() for p in packs)
-
-
-def set_weight_packing(module: nn.Module, enabled: bool, *, in_place: bool = False) -> None:
-    """Run every ``Conv2d`` and ``Linear`` under ``module`` from weights reordered once for oneDNN (``True``, the
-    default; CPU inference only, see ``packed_conv2d``) or through PyTorch's own kernels (``False``).
-
-    ``in_place=True`` (with ``enabled``) makes each ``Conv2d`` replace its weight parameter with the reordered one
-    instead of keeping a copy beside it (``Conv2d.pack_in_place``): the same speed at no extra memory, for models
-    that only run inference. ``False`` puts plain weights back."""
-    if not isinstance(enabled, bool):
-        raise ValueError(f"enabled={enabled!r} must be True or False")
-    if not isinstance(in_place, bool):
-        raise ValueError(f"in_place={in_place!r} must be True or False")
-    if in_place and not enabled:
-        raise ValueError("in_place=True packs weights: it needs enabled=True")
-    for layer in module.modules():
-        if isinstance(layer, (Conv2d, Linear)):
-            layer.packed = enabled
-        if isinstance(layer, Conv2d):
-            layer.pack_in_place = in_place
-            if in_place:
-                layer.__dict__.pop("_packed", None)  # the weight itself is packed on the next call
-            else:
-                layer.unpack_in_place()
-        if not enabled:
-            layer.__dict__.pop("_packed", None)
+            layer.drop_packed()
 
 
 def feed_forward_chunk_rows(module: nn.Module, device: torch.device | str) -> int | None:
@@ -751,3 +501,9 @@ def set_attention_mode(module: nn.Module, mode: str, chunk_size: int = 1024) -> 
     for layer in module.modules():
         if isinstance(layer, Attention):
             layer.mode, layer.chunk_size = mode, chunk_size
+
+
+def attention_mode(module: nn.Module) -> tuple[str, int]:
+    """(mode, chunk size) of the first attention layer under ``module``; ("sdpa", 0) if it has none."""
+    layer = next((m for m in module.modules() if isinstance(m, Attention)), None)
+    return (layer.mode, layer.chunk_size) if layer is not None else ("sdpa", 0)

@@ -4,11 +4,9 @@ Submodule names follow diffusers' ``UNet2DModel`` and ``UNet2DConditionModel``, 
 identity key map (``io.load_diffusers``); ``UNetConfig.from_diffusers`` translates their ``config.json``.
 Upsamplers run nearest 2x + 3x3 conv as one convolution on the low-resolution map (``layers.Upsample2D``; 4 instead
 of 9 multiply-adds per output pixel, equal up to float rounding); ``layers.set_upsample_fusion(unet, False)``
-restores the two steps. On the CPU without autograd, convolutions run from weights reordered once for oneDNN and
-linear layers through oneDNN's matrix product (``layers.packed_conv2d``: a resident copy of the conv weights, the
-feature maps channels-last inside, the output in the input's layout); ``layers.set_weight_packing(unet, True,
-in_place=True)`` packs each conv weight in place of the plain one instead (no copy: for models that only run
-inference) and ``layers.set_weight_packing(unet, False)`` keeps PyTorch's own kernels.
+restores the two steps. CPU inference runs through oneDNN on weights reordered once (``packing``);
+``packing.prepare_for_inference(unet)`` sets the defaults for a model that only generates. ``activation_bytes`` and
+``resident_bytes`` give the memory the serving VRAM planner budgets (``memory``).
 """
 
 from __future__ import annotations
@@ -21,9 +19,9 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
+from unnoise.models import memory
 from unnoise.models.config import ModelConfig
 from unnoise.models.layers import (
-    Conv2d,
     Downsample2D,
     GroupNorm32,
     ResnetBlock2D,
@@ -35,6 +33,7 @@ from unnoise.models.layers import (
     set_attention_mode,
     timestep_embedding,
 )
+from unnoise.models.packing import Conv2d, unpack_in_place
 from unnoise.models.unet_diffusers import unet_config_fields
 
 # Block type name -> the attention after each residual block: None, "self" (SpatialAttention) or "cross"
@@ -170,16 +169,22 @@ class UNetConfig(ModelConfig):
             return 1, ch
         return (heads or ch // dim, dim or ch // heads)
 
+    def block_kinds(self) -> tuple[tuple[str | None, ...], str | None, tuple[str | None, ...]]:
+        """The attention in each down block, the mid block and each up block: None, "self" or "cross"."""
+        mid = MID_BLOCKS[self.mid_block_type] if self.mid_block_type is not None else None
+        down = tuple(DOWN_BLOCKS[t] for t in self.down_block_types)
+        return down, mid, tuple(UP_BLOCKS[t] for t in self.up_block_types)
+
     def attention_levels(self) -> list[int]:
         n = len(self.block_out_channels)
-        levels = {i for i, t in enumerate(self.down_block_types) if DOWN_BLOCKS[t]}
-        levels |= {n - 1 - i for i, t in enumerate(self.up_block_types) if UP_BLOCKS[t]}
-        return sorted(levels | ({n - 1} if self.mid_block_type else set()))
+        down, mid, up = self.block_kinds()
+        levels = {i for i, kind in enumerate(down) if kind} | {n - 1 - i for i, kind in enumerate(up) if kind}
+        return sorted(levels | ({n - 1} if mid else set()))
 
     @property
     def uses_cross_attention(self) -> bool:
-        kinds = [DOWN_BLOCKS[t] for t in self.down_block_types] + [UP_BLOCKS[t] for t in self.up_block_types]
-        return "cross" in kinds or self.mid_block_type == "UNetMidBlock2DCrossAttn"
+        down, mid, up = self.block_kinds()
+        return "cross" in (*down, mid, *up)
 
     @property
     def time_embed_dim(self) -> int:
@@ -263,6 +268,12 @@ class MidBlock(nn.Module):
 
 class UNet(nn.Module):
     """Noise-prediction U-Net ``eps(x, t, context, class)``: down path, mid block, up path with skip concatenation."""
+
+    # Upsampling on the CPU under ``packing.prepare_for_inference``: unfused. With the weights packed in place, the
+    # fused upsamplers keep their packed phase kernels (16/9 of the upsamplers' conv weights) for no gain here:
+    # SD-1.5's shape at reduced width, CFG batch 2 at 32x32, measured 0.91x diffusers' latency and 1.06x its memory
+    # fused against 0.87x and 1.00x unfused (docs/benchmarks/models.md).
+    cpu_upsample_fusion = False
 
     def __init__(self, config: UNetConfig):
         super().__init__()
@@ -428,11 +439,17 @@ class UNet(nn.Module):
 
     def compile(self, *args: Any, **kwargs: Any) -> UNet:
         """Compile ``forward`` in place with ``torch.compile`` (arguments go to it); returns self. Weights packed in
-        place (``layers.set_weight_packing(..., in_place=True)``) are unpacked first: compiled code fuses its
+        place (``packing.set_weight_packing(..., in_place=True)``) are unpacked first: compiled code fuses its
         convolutions itself and never runs the packed path."""
-        for layer in self.modules():
-            if isinstance(layer, Conv2d):
-                layer.unpack_in_place()
-                layer.pack_in_place = False
+        unpack_in_place(self)
         super().compile(*args, **kwargs)
         return self
+
+    def activation_bytes(self, batch: int, height: int, width: int, context_tokens: int) -> int:
+        """Peak bytes a forward on ``batch`` latents of ``height`` x ``width`` with ``context_tokens`` tokens of
+        conditioning allocates beyond the weights, as the network is set and placed now (``memory``)."""
+        return memory.unet_activation_bytes(self, batch, height, width, context_tokens)
+
+    def resident_bytes(self) -> int:
+        """Bytes held between inference calls: weights, buffers and the kernels kept from them (``memory``)."""
+        return memory.resident_bytes(self)

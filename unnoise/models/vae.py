@@ -5,10 +5,10 @@ so Stable Diffusion 1.x/2.x ``vae/`` folders load through ``unnoise.models.io.lo
 Memory options: ``enable_slicing`` (one image at a time), ``enable_tiling`` (overlapping tiles blended with
 linear ramps), ``layers.set_attention_mode(vae, "chunked")``, ``vae.to(torch.bfloat16)`` (GroupNorm statistics
 stay float32), ``vae.to(memory_format=torch.channels_last)``, ``layers.set_upsample_fusion(vae, False)`` (the
-decoder's upsamplers run as one convolution on the low-resolution map by default) and
-``layers.set_weight_packing(vae, False)`` (by default CPU inference runs its convolutions from weights reordered once
-for oneDNN, a resident copy of the conv weights; ``set_weight_packing(vae, True, in_place=True)`` packs them in
-place instead). These settings are measured against diffusers' decode in docs/benchmarks/models.md.
+decoder's upsamplers run as one convolution on the low-resolution map by default) and the CPU's oneDNN weight
+packing (``packing``: ``packing.prepare_for_inference(vae)`` packs the conv weights in place, the default for a model
+that only generates). These settings are measured against diffusers' decode in docs/benchmarks/models.md.
+``decode_activation_bytes`` and ``resident_bytes`` give the memory the serving VRAM planner budgets (``memory``).
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from unnoise.core.noise import Generator, randn_like
+from unnoise.models import memory
 from unnoise.models.config import ModelConfig
 from unnoise.models.layers import (
-    Conv2d,
     Downsample2D,
     GroupNorm32,
     ResnetBlock2D,
@@ -33,6 +33,7 @@ from unnoise.models.layers import (
     Upsample2D,
     memory_format_of,
 )
+from unnoise.models.packing import Conv2d
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -258,6 +259,11 @@ class DiagonalGaussian:
 class AutoencoderKL(nn.Module):
     """Encoder, ``quant_conv``, posterior, ``post_quant_conv``, decoder; ``to_latent`` scales for the U-Net."""
 
+    # Upsampling on the CPU under ``packing.prepare_for_inference``: fused. With the weights packed in place, SD-1.5's
+    # decoder shape at half width decoding 32x32 latents measured 0.83x diffusers' latency and 0.91x its memory fused
+    # against 0.90x and 0.86x unfused (docs/benchmarks/models.md).
+    cpu_upsample_fusion = True
+
     def __init__(self, config: AutoencoderKLConfig):
         super().__init__()
         self.config = config
@@ -299,6 +305,15 @@ class AutoencoderKL(nn.Module):
 
     def disable_tiling(self) -> None:
         self.tile_size = None
+
+    def decode_activation_bytes(self, batch: int, height: int, width: int) -> int:
+        """Peak bytes ``decode`` of ``batch`` latents of ``height`` x ``width`` allocates beyond the weights, as the
+        network is set and placed now (slicing, attention, dtype, convolution kernels; tiling is not modelled)."""
+        return memory.decode_activation_bytes(self, batch, height, width)
+
+    def resident_bytes(self) -> int:
+        """Bytes held between inference calls: weights, buffers and the kernels kept from them (``memory``)."""
+        return memory.resident_bytes(self)
 
     # -- encode / decode ------------------------------------------------------------------------------------------
 
