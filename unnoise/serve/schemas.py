@@ -1,21 +1,30 @@
 """Request bodies of the three APIs and their translation into ``build_spec`` keywords and field names.
 
-Bodies only check JSON types (pydantic); ranges, sizes and names are checked by ``validation.build_spec`` against
-the server's limits and the model. The OpenAI and AUTOMATIC1111 bodies ignore fields they do not know, as their
-clients send many (``model``, ``quality``, ``restore_faces`` ...); the jobs API, ours, refuses unknown fields so
-that a typo is an error rather than a default.
+Bodies check JSON types and the bounds that hold on every server (pydantic, so that /openapi.json states them and
+no integer goes on unbounded); the limits of this server and model (--max-batch, --max-steps, pixels, latent factor,
+names) are checked by ``validation.build_spec``. The OpenAI and AUTOMATIC1111 bodies ignore fields they do not know,
+as their clients send many (``model``, ``quality``, ``restore_faces`` ...); the jobs API, ours, refuses unknown
+fields so that a typo is an error rather than a default.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from unnoise.core.samplers import SAMPLERS
 from unnoise.pipeline.png import A1111_SAMPLERS, A1111_SCHEDULES
-from unnoise.serve.validation import FIELDS_NATIVE, invalid
+from unnoise.serve.validation import FIELDS_NATIVE, SEED_LIMIT, invalid
+
+# A job list's offset and an image's index: far past any count of jobs or images, under SQLite's 2**63 - 1, and the
+# largest integer that every JSON client reads exactly (RFC 7493), so that /openapi.json (floats) states it exactly.
+ROW_LIMIT = 2**53 - 1
+Images = Annotated[int, Field(ge=1, description="images in one batch, at most the server's --max-batch")]
+Steps = Annotated[int, Field(ge=1, description="sampler steps, at most the server's --max-steps")]
+Side = Annotated[int, Field(ge=1, description="pixels, a multiple of the model's latent factor")]
+Seed = Annotated[int, Field(ge=0, le=SEED_LIMIT - 1, description="the first image's seed; none: a random one")]
 
 
 class OpenAIImageRequest(BaseModel):
@@ -23,16 +32,16 @@ class OpenAIImageRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
     prompt: str
-    n: int | None = 1
+    n: Images | None = 1
     size: str | None = None  # "WIDTHxHEIGHT"; None or "auto": the model's size
     response_format: Literal["url", "b64_json"] | None = "url"
     output_format: Literal["png"] | None = None
     model: str | None = None  # one model is served; any name is accepted
     negative_prompt: str | None = None
-    steps: int | None = None
+    steps: Steps | None = None
     sampler: str | None = None
     guidance_scale: float | None = None
-    seed: int | None = None
+    seed: Seed | None = None
 
 
 OPENAI_FIELDS = {**FIELDS_NATIVE, "width": "size", "height": "size"}
@@ -57,16 +66,16 @@ class A1111Txt2ImgRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     prompt: str = ""
     negative_prompt: str | None = ""
-    steps: int | None = None
+    steps: Steps | None = None
     cfg_scale: float | None = None
     sampler_name: str | None = None
     sampler_index: str | None = None  # older clients' name for sampler_name
     scheduler: str | None = None  # "Automatic", "Karras", "Exponential"
-    seed: int | None = -1  # -1: random
-    width: int | None = None
-    height: int | None = None
-    batch_size: int = 1
-    n_iter: int = 1
+    seed: Annotated[int, Field(ge=-1, le=SEED_LIMIT - 1, description="-1: a random one")] | None = -1
+    width: Side | None = None
+    height: Side | None = None
+    batch_size: Images = 1
+    n_iter: Annotated[int, Field(ge=1, description="batches, at most the server's --max-queue")] = 1
     send_images: bool = True
 
 
@@ -110,13 +119,13 @@ class JobRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     prompt: str
     negative_prompt: str | None = None
-    n: int = 1
-    width: int | None = None
-    height: int | None = None
-    steps: int | None = None
+    n: Images = 1
+    width: Side | None = None
+    height: Side | None = None
+    steps: Steps | None = None
     sampler: str | None = None
     guidance_scale: float | None = None
-    seed: int | None = None
+    seed: Seed | None = None
 
 
 def job_values(body: JobRequest) -> dict[str, Any]:
