@@ -16,6 +16,7 @@ from test_serve import build_tiny_pipeline
 
 from benchmarks import quality
 from unnoise.eval import cli
+from unnoise.pipeline import loading
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -128,7 +129,7 @@ def test_user_errors_are_one_line_naming_the_flag(capsys, model, real, tmp_path,
 
 
 def test_missing_default_model_names_model_flag(capsys, real, tmp_path, monkeypatch):
-    monkeypatch.setattr(cli, "DEFAULT_MODEL", tmp_path / "absent")
+    monkeypatch.setattr(loading, "DEFAULT_MODEL", tmp_path / "absent")
     code, _, err = run(capsys, "-n", 10, "--reference", "mnist-val", "--floor", real, "--out", tmp_path / "o")
     assert code == 2 and "argument --model: the embedded default model is missing" in err
 

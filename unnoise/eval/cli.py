@@ -39,7 +39,6 @@ from unnoise.eval.report import require_matplotlib, write_eval, write_sweep
 from unnoise.eval.samples import SamplePlan, digit_plan, prompt_plan, read_prompts
 from unnoise.metrics import RESIZE_MODES, WEIGHTS_ENV, CLIPEmbedder
 from unnoise.pipeline import Pipeline
-from unnoise.pipeline.loading import DEFAULT_MODEL
 from unnoise.train.distributed import World, setup, teardown
 from unnoise.usage import UsageError, user_errors
 
@@ -238,15 +237,8 @@ def _plan(args: argparse.Namespace) -> SamplePlan:
 
 def _pipeline(model: Path | None, world: World) -> Pipeline:
     """The pipeline at ``model`` (the embedded default if None) on this process's device."""
-    if model is None:
-        if not (DEFAULT_MODEL / "pipeline.json").is_file():
-            raise UsageError(
-                f"argument --model: the embedded default model is missing from {DEFAULT_MODEL}; reinstall unnoise "
-                "(or `make default-model` in a source checkout), or pass --model DIR"
-            )
-        model = DEFAULT_MODEL
     with _user_errors("--model"):
-        return Pipeline.from_pretrained(model).to(world.device)
+        return Pipeline.from_pretrained(model if model is not None else "default").to(world.device)
 
 
 def _settings(args: argparse.Namespace, pipe: Pipeline) -> list[Setting]:

@@ -10,12 +10,16 @@ from __future__ import annotations
 import importlib
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+C = TypeVar("C")
 
 # Our model types: name -> (module, model class, config class, the diffusers class names it reads).
 MODELS: dict[str, tuple[str, str, str, tuple[str, ...]]] = {
@@ -82,13 +86,13 @@ def save_model(model: nn.Module, path: str | Path) -> None:
 def load_model(path: str | Path, *, dtype: torch.dtype | None = None) -> nn.Module:
     """Read a folder written by ``save_model``."""
     folder = Path(path)
-    config = _read_json(folder / "config.json")
+    config = read_json(folder / "config.json")
     name = config.pop("_type", None)
     if name not in MODELS:
         raise ValueError(f"{folder / 'config.json'}: _type={name!r} is not one of {sorted(MODELS)}")
     model_cls, config_cls = _classes(name)
-    model = model_cls(config_cls.from_dict(config))
-    load_state(model, load_file(str(folder / "model.safetensors")), source=str(folder))
+    model = model_cls(parse_config(folder / "config.json", config_cls.from_dict, config))
+    load_state(model, read_safetensors(folder / "model.safetensors"), source=str(folder))
     return model.to(dtype) if dtype is not None else model
 
 
@@ -97,14 +101,14 @@ def load_diffusers(
 ) -> nn.Module:
     """Read a diffusers model folder (``unet/``, ``vae/`` or a bare model folder) into our module."""
     folder = Path(path)
-    config = _read_json(folder / "config.json")
+    config = read_json(folder / "config.json")
     class_name = config.get("_class_name")
     name = next((n for n, entry in MODELS.items() if class_name in entry[3]), None)
     if name is None:
         known = sorted(c for entry in MODELS.values() for c in entry[3])
         raise ValueError(f"{folder / 'config.json'}: _class_name={class_name!r} is not supported; supported: {known}")
     model_cls, config_cls = _classes(name)
-    model = model_cls(config_cls.from_diffusers(config))
+    model = model_cls(parse_config(folder / "config.json", config_cls.from_diffusers, config))
     weights = _diffusers_weights(folder, variant, allow_pickle)
     state = {diffusers_key(k): v for k, v in weights.items()}
     load_state(model, state, source=str(folder))
@@ -118,7 +122,7 @@ def _diffusers_weights(folder: Path, variant: str | None, allow_pickle: bool) ->
         names.append("diffusion_pytorch_model.fp16.safetensors")
     for name in names:
         if (folder / name).exists():
-            return load_file(str(folder / name))
+            return read_safetensors(folder / name)
     pickled = folder / f"diffusion_pytorch_model{infix}.bin"
     if pickled.exists():
         if not allow_pickle:
@@ -127,10 +131,40 @@ def _diffusers_weights(folder: Path, variant: str | None, allow_pickle: bool) ->
                 "or pass allow_pickle=True if you trust its source"
             )
         return torch.load(pickled, map_location="cpu", weights_only=False)
-    raise FileNotFoundError(f"no weights in {folder}: looked for {names + [pickled.name]}")
+    raise FileNotFoundError(f"{folder / names[0]} does not exist (nor {', '.join([*names[1:], pickled.name])})")
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist")
-    return json.loads(path.read_text())
+def _require_file(path: Path) -> None:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist" if not path.exists() else f"{path} is not a file")
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from a UTF-8 file; errors name the file and what is wrong with it."""
+    _require_file(path)
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text: {error}") from error
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from error
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} does not hold a JSON object (it holds a {type(data).__name__})")
+    return data
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file (on the CPU); errors name the file and what is wrong with it."""
+    _require_file(path)
+    try:
+        return load_file(str(path))
+    except SafetensorError as error:
+        raise ValueError(f"{path} is not a readable safetensors file: {error}") from error
+
+
+def parse_config(path: Path, parse: Callable[[dict[str, Any]], C], data: dict[str, Any]) -> C:
+    """``parse(data)``, the config read from ``path``; a ValueError names the file (in full, once)."""
+    try:
+        return parse(data)
+    except ValueError as error:
+        raise ValueError(f"{path}: {str(error).removeprefix(f'{path.name}: ')}") from error
