@@ -12,7 +12,7 @@ from PIL import Image
 from torch import Tensor
 
 from unnoise.metrics.features import as_features, check_images
-from unnoise.models.text import CLIPTextEncoder, _import_transformers, _quiet
+from unnoise.models.text import CLIPTextEncoder, import_transformers, quiet_transformers
 
 
 def clip_score(image_embeds: Tensor | np.ndarray, text_embeds: Tensor | np.ndarray) -> float:
@@ -45,11 +45,11 @@ class CLIPEmbedder:
     @classmethod
     def from_folder(cls, folder: str | Path, *, device: str | torch.device = "cpu") -> CLIPEmbedder:
         """Load ``CLIPModel`` and ``CLIPProcessor`` from ``folder`` (e.g. a saved openai/clip-vit-large-patch14)."""
-        transformers = _import_transformers()
+        transformers = import_transformers()
         folder = Path(folder)
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"no config.json in {folder}: give the folder of a saved CLIPModel and processor")
-        with _quiet(transformers):
+        with quiet_transformers(transformers):
             model = transformers.CLIPModel.from_pretrained(folder, local_files_only=True).to(device)
             processor = transformers.CLIPProcessor.from_pretrained(folder, local_files_only=True)
         return cls(model, processor)

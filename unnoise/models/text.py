@@ -137,9 +137,9 @@ class MiniLMEncoder(TextEncoder):
     @classmethod
     def from_folder(cls, folder: str | Path, max_length: int = 77) -> MiniLMEncoder:
         """Load a sentence-transformers BERT folder; its ``max_seq_length`` (256 for MiniLM) bounds ``max_length``."""
-        transformers = _import_transformers()
+        transformers = import_transformers()
         folder = Path(folder)
-        with _quiet(transformers):
+        with quiet_transformers(transformers):
             model = transformers.AutoModel.from_pretrained(folder, local_files_only=True)
             tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
         limit = min(tokenizer.model_max_length, model.config.max_position_embeddings)
@@ -175,8 +175,8 @@ class CLIPTextEncoder(TextEncoder):
         cls, text_encoder_dir: str | Path, tokenizer_dir: str | Path, *, clip_skip: int = 0
     ) -> CLIPTextEncoder:
         """Load diffusers' ``text_encoder/`` (``CLIPTextModel``) and ``tokenizer/`` folders; no network access."""
-        transformers = _import_transformers()
-        with _quiet(transformers):
+        transformers = import_transformers()
+        with quiet_transformers(transformers):
             model = transformers.CLIPTextModel.from_pretrained(Path(text_encoder_dir), local_files_only=True)
             tokenizer = transformers.CLIPTokenizer.from_pretrained(Path(tokenizer_dir), local_files_only=True)
         return cls(model, tokenizer, clip_skip=clip_skip)
@@ -225,7 +225,8 @@ def _checked_prompts(prompts: Sequence[str]) -> list[str]:
     return list(prompts)
 
 
-def _import_transformers() -> Any:
+def import_transformers() -> Any:
+    """The transformers module, or an ImportError saying how to install it (the library imports it only here)."""
     try:
         import transformers
     except ImportError as error:
@@ -234,7 +235,7 @@ def _import_transformers() -> Any:
 
 
 @contextlib.contextmanager
-def _quiet(transformers: Any) -> Iterator[None]:
+def quiet_transformers(transformers: Any) -> Iterator[None]:
     """No "Loading weights" progress bar on stderr while our loaders run; the caller's setting is restored."""
     logging = transformers.utils.logging
     enabled = logging.is_progress_bar_enabled()
