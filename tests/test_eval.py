@@ -108,17 +108,18 @@ def test_prompt_plan_shares_and_shards_cover_everything():
     assert [i for part in parts for i in part] == list(range(8))
 
 
-def test_generated_batches_one_call_per_prompt_run_with_consecutive_seeds():
-    calls = []
+def test_generated_batches_one_pass_per_batch_one_request_per_prompt_run():
+    passes = []
 
-    def pipe(prompt, *, num_images, seed, **settings):
-        calls.append((prompt, num_images, seed, settings))
-        return [Image.new("L", (32, 32), (seed + i) % 256) for i in range(num_images)]
+    class FakePipe:
+        def generate(self, requests):
+            passes.append([(r.prompt, r.num_images, r.seed, r.steps) for r in requests])
+            return [[Image.new("L", (32, 32), (r.seed + i) % 256) for i in range(r.num_images)] for r in requests]
 
-    plan = prompt_plan(["a", "b"], 6, seed=10)
-    batches = list(generated_batches(pipe, plan, range(1, 6), batch_size=2, steps=3))
-    assert [c[:3] for c in calls] == [("a", 2, 11), ("b", 2, 13), ("b", 1, 15)]
-    assert calls[0][3] == {"steps": 3}
+    plan = prompt_plan(["a", "b"], 6, seed=10)  # a a a b b b
+    batches = list(generated_batches(FakePipe(), plan, range(1, 6), batch_size=3, steps=3))
+    assert passes == [[("a", 2, 11, 3), ("b", 1, 13, 3)], [("b", 2, 14, 3)]]
+    assert [b.prompts for b in batches] == [["a", "a", "b"], ["b", "b"]]
     pixels = torch.cat([b.images for b in batches])[:, 0, 0, 0].tolist()
     assert pixels == [11, 12, 13, 14, 15]  # image k has seed 10 + k
 

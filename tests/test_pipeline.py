@@ -2,6 +2,7 @@
 parameters, img2img and inpainting, cancellation, input errors, our folder format, scheduler-config translation."""
 
 import json
+import re
 import warnings
 
 import diffusers
@@ -18,6 +19,7 @@ from unnoise.models.unet import UNet, UNetConfig
 from unnoise.pipeline import (
     GenerationCancelled,
     PipelineConfig,
+    Request,
     SamplingConfig,
     ScheduleConfig,
     TextEncoderConfig,
@@ -237,6 +239,55 @@ def test_inpainting_unet_gets_mask_and_masked_image_channels(pipe):
     assert shapes[3:] == [(2, 9)] * 2
 
 
+def test_generate_runs_requests_of_every_kind_as_each_alone(euler_pipe, pipe):
+    """One sampler pass over several requests gives each request's images as alone (<= one 8-bit level) with the
+    same parameters: txt2img with its own prompts, negatives, counts, seeds and given noise; img2img; inpainting
+    through KnownRegion; an inpainting U-Net."""
+    left, right = Image.new("L", (SIZE, SIZE), 0), Image.new("L", (SIZE, SIZE), 0)
+    left.paste(255, (0, 0, SIZE // 2, SIZE))
+    right.paste(255, (SIZE // 2, 0, SIZE, SIZE))
+    config = UNetConfig.from_dict({**pipe.unet.config.to_dict(), "in_channels": 9})
+    unet = UNet(config).eval()
+    randomize(unet, seed=4)
+    inpainting_unet = Pipeline(unet, pipe.vae, pipe.text_encoder, pipe.config)
+    common = dict(steps=4, sampler="euler_a", guidance_scale=4.0)
+    cases = [
+        (euler_pipe, [Request(PROMPT, num_images=2, seed=3, **common),
+                      Request("a green bird", negative_prompt=NEGATIVE, seed=40, **common),
+                      Request(PROMPT, negative_prompt=NEGATIVE, num_images=2, latents=unit_latents(2), seed=0,
+                              **common)]),
+        (euler_pipe, [Request(PROMPT, image=input_image(1), strength=0.6, seed=5, **common),
+                      Request("a green bird", image=input_image(2), strength=0.6, num_images=2, seed=8, **common)]),
+        (euler_pipe, [Request(PROMPT, image=input_image(1), mask=left, seed=5, **common),
+                      Request(PROMPT, image=input_image(2), mask=right, num_images=2, seed=6, **common)]),
+        (inpainting_unet, [Request(PROMPT, image=input_image(1), mask=left, seed=5, **common),
+                           Request(PROMPT, image=input_image(2), mask=right, seed=6, **common)]),
+    ]  # fmt: skip
+    for model, requests in cases:
+        together = model.generate(requests)
+        for request, images in zip(requests, together, strict=True):
+            alone = model.generate([request])[0]
+            assert len(images) == len(alone) == request.num_images
+            for got, want in zip(images, alone, strict=True):
+                assert got.info["parameters"] == want.info["parameters"]
+                assert np.abs(np.asarray(got, dtype=int) - np.asarray(want, dtype=int)).max() <= 1
+
+
+def test_generate_refuses_requests_that_cannot_share_a_pass(euler_pipe):
+    a = Request(PROMPT, steps=3, seed=1)
+    others = [(Request(PROMPT, steps=4), "steps=4"), (Request(PROMPT, steps=3, guidance_scale=2.0),
+              "guidance_scale=2.0"), (Request(PROMPT, steps=3, image=input_image()), "image=True")]  # fmt: skip
+    for other, field in others:
+        with pytest.raises(ValueError, match=rf"^requests\[1\]\.{re.escape(field)} is not allowed; requests generated"):
+            euler_pipe.generate([a, other])
+    with pytest.raises(ValueError, match=r"^requests=\[\] is not allowed"):
+        euler_pipe.generate([])
+    with pytest.raises(TypeError, match="expected an unnoise.pipeline.Request, got dict"):
+        euler_pipe.generate([{"prompt": PROMPT}])
+    with pytest.raises(TypeError, match=r"unknown settings \['num_inference_steps'\]; allowed: negative_prompt"):
+        euler_pipe(PROMPT, num_inference_steps=3)
+
+
 # -- 5. progress and cancellation -----------------------------------------------------------------------------------
 
 
@@ -294,6 +345,7 @@ BAD = [
     (dict(guidance_rescale=2), "guidance_rescale=2"),
     (dict(guidance_interval=(5, 1)), "guidance_interval"),
     (dict(seed=-1), "seed=-1"),
+    (dict(seed=2**63 - 1, num_images=2), r"seed=9223372036854775807 .*2\*\*63 - num_images"),
 ]
 
 
@@ -438,6 +490,13 @@ def test_pipeline_config_json_round_trip_and_errors():
         PipelineConfig.from_dict({"sampling": {"sampler": "plms"}})
     with pytest.raises(ValueError, match="text_encoder.kind='t5'"):
         PipelineConfig.from_dict({"text_encoder": {"kind": "t5"}})
+    sized = PipelineConfig(sizes=[[32, 32], (64, 32)])
+    assert sized.sizes == ((32, 32), (64, 32)) and sized.to_dict()["sizes"] == [[32, 32], [64, 32]]
+    assert PipelineConfig.from_dict(json.loads(json.dumps(sized.to_dict()))) == sized
+    assert PipelineConfig.from_dict({}).sizes is None
+    for bad in ([], [[32]], [[32, 0]], [[32.0, 32]], "32x32"):
+        with pytest.raises(ValueError, match=r"^sizes=.* is not allowed; expected a non-empty list of \[width"):
+            PipelineConfig(sizes=bad)
 
 
 def test_unsupported_scheduler_configs_raise():

@@ -9,7 +9,6 @@ record is JSON-ready: the run's ``header`` (model, prompts, feature space, refer
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -20,8 +19,7 @@ from unnoise.core.samplers import nfe
 from unnoise.eval.measure import Measurements, Scorers, gather, measure, score
 from unnoise.eval.reference import Floor, RealSet
 from unnoise.eval.samples import SampleBatch, SamplePlan, folder_batches, generated_batches, shard
-from unnoise.pipeline import Pipeline
-from unnoise.pipeline.inputs import resolve_request
+from unnoise.pipeline import Pipeline, Request, resolve_request
 from unnoise.train.distributed import World
 
 Progress = Callable[[str], None]
@@ -55,11 +53,8 @@ def resolve_setting(
     spacing: str | None = None,
 ) -> Setting:
     """The setting a ``pipe`` call would use (the model's defaults where None), validated by the pipeline."""
-    args = {k: p.default for k, p in inspect.signature(Pipeline.__call__).parameters.items() if k != "self"}
-    given = dict(sampler=sampler, steps=steps, guidance_scale=guidance_scale, spacing=spacing)
-    args.update(prompt="", seed=0, **given)
-    del args["callback"]
-    req = resolve_request(pipe, args)
+    request = Request("", seed=0, sampler=sampler, steps=steps, guidance_scale=guidance_scale, spacing=spacing)
+    req = resolve_request(pipe, request)
     return Setting(req.sampler, req.steps, req.guidance_scale, req.spacing)
 
 

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from unnoise.data.captions import TEMPLATES, caption
 from unnoise.eval.images import open_image, to_uint8
+from unnoise.pipeline import Request
 from unnoise.pipeline.png import parse_parameters
 
 # Every caption the digit prompts use, to read the label of an image folder's PNGs back from their parameters.
@@ -83,18 +84,20 @@ def shard(count: int, rank: int, size: int) -> range:
 def generated_batches(
     pipe: Any, plan: SamplePlan, indices: range, *, batch_size: int, **settings: Any
 ) -> Iterator[SampleBatch]:
-    """Generate images ``indices`` of ``plan`` with ``pipe(prompt, num_images=, seed=, **settings)``, one call per
-    run of one prompt (at most ``batch_size`` images)."""
-    k = indices.start
-    while k < indices.stop:
-        prompt = plan.prompts[k]
-        end = k + 1
-        while end < min(indices.stop, k + batch_size) and plan.prompts[end] == prompt:
-            end += 1
-        images = pipe(prompt, num_images=end - k, seed=plan.seed + k, **settings)
-        labels = plan.labels[k:end] if plan.labels is not None else None
-        yield SampleBatch(to_uint8(images), [prompt] * (end - k), labels)
-        k = end
+    """Generate images ``indices`` of ``plan`` through ``pipe.generate``: one sampler pass per ``batch_size``
+    images, one request per run of one prompt (image k has seed ``plan.seed + k``, whatever the batching)."""
+    for lo in range(indices.start, indices.stop, batch_size):
+        hi = min(indices.stop, lo + batch_size)
+        requests, k = [], lo
+        while k < hi:
+            end = k + 1
+            while end < hi and plan.prompts[end] == plan.prompts[k]:
+                end += 1
+            requests.append(Request(plan.prompts[k], num_images=end - k, seed=plan.seed + k, **settings))
+            k = end
+        images = [image for request_images in pipe.generate(requests) for image in request_images]
+        labels = plan.labels[lo:hi] if plan.labels is not None else None
+        yield SampleBatch(to_uint8(images), list(plan.prompts[lo:hi]), labels)
 
 
 def folder_batches(files: list[Path], indices: range, *, batch_size: int) -> Iterator[SampleBatch]:

@@ -8,9 +8,9 @@ from unnoise.pipeline.config import (
     TextEncoderConfig,
     sampling_grid,
 )
-from unnoise.pipeline.inputs import ImageInput, Request, resolve_request
+from unnoise.pipeline.inputs import ImageInput, Request, ResolvedRequest, resolve_request
 from unnoise.pipeline.loading import DEFAULT_MODEL, Components, load_components, resolve_model, save_components
-from unnoise.pipeline.pipeline import GenerationCancelled, KnownRegion, Pipeline, StepCallback
+from unnoise.pipeline.pipeline import GenerationCancelled, KnownRegion, Pipeline, StepCallback, UNetDenoiserModel
 from unnoise.pipeline.schedulers import SCHEDULERS, translate_scheduler
 
 __all__ = [
@@ -23,10 +23,12 @@ __all__ = [
     "Pipeline",
     "PipelineConfig",
     "Request",
+    "ResolvedRequest",
     "SamplingConfig",
     "ScheduleConfig",
     "StepCallback",
     "TextEncoderConfig",
+    "UNetDenoiserModel",
     "load_components",
     "resolve_model",
     "resolve_request",

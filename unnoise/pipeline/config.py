@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from unnoise.checks import is_int
 from unnoise.core.denoisers import PREDICTIONS
 from unnoise.core.samplers import SAMPLERS
 from unnoise.core.schedules import BETA_KINDS, FINALS, INTERPOLATIONS, SPACINGS, VPSchedule, check_choice, check_steps
@@ -95,13 +96,25 @@ class PipelineConfig:
     prediction: str = "epsilon"
     schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
     sampling: SamplingConfig = dataclasses.field(default_factory=SamplingConfig)
+    # (width, height) pairs the model was trained for, the first its default; None: any multiple of the latent
+    # factor. The server refuses other sizes unless started with --any-size; the library and the CLI allow them.
+    sizes: tuple[tuple[int, int], ...] | None = None
 
     def __post_init__(self) -> None:
         check_choice("prediction", self.prediction, PREDICTIONS)
+        if self.sizes is not None:
+            pairs = [tuple(pair) for pair in self.sizes] if isinstance(self.sizes, list | tuple) else None
+            if not pairs or any(len(p) != 2 or not all(is_int(v) and v > 0 for v in p) for p in pairs):
+                raise ValueError(
+                    f"sizes={self.sizes!r} is not allowed; expected a non-empty list of [width, height] pairs of "
+                    "positive integers, or null for any size"
+                )
+            object.__setattr__(self, "sizes", tuple(pairs))
 
     def to_dict(self) -> dict[str, Any]:
         parts = {name: getattr(self, name).to_dict() for name in ("text_encoder", "schedule", "sampling")}
-        return {"_type": "text_to_image", "prediction": self.prediction, **parts}
+        sizes = [list(pair) for pair in self.sizes] if self.sizes is not None else None
+        return {"_type": "text_to_image", "prediction": self.prediction, "sizes": sizes, **parts}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PipelineConfig:
@@ -109,11 +122,12 @@ class PipelineConfig:
         if data.pop("_type", "text_to_image") != "text_to_image":
             raise ValueError("pipeline.json: _type must be 'text_to_image'")
         parts = {"text_encoder": TextEncoderConfig, "schedule": ScheduleConfig, "sampling": SamplingConfig}
-        unknown = sorted(set(data) - set(parts) - {"prediction"})
+        unknown = sorted(set(data) - set(parts) - {"prediction", "sizes"})
         if unknown:
-            raise ValueError(f"pipeline.json: unknown keys {unknown}; allowed: {sorted([*parts, 'prediction'])}")
+            allowed = sorted([*parts, "prediction", "sizes"])
+            raise ValueError(f"pipeline.json: unknown keys {unknown}; allowed: {allowed}")
         kwargs: dict[str, Any] = {name: part.from_dict(data[name]) for name, part in parts.items() if name in data}
-        return cls(prediction=data.get("prediction", "epsilon"), **kwargs)
+        return cls(prediction=data.get("prediction", "epsilon"), sizes=data.get("sizes"), **kwargs)
 
 
 def sampling_grid(

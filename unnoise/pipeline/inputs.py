@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import secrets
 from pathlib import Path
 from typing import Any
@@ -13,15 +12,49 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
+from unnoise.checks import is_int, is_number
 from unnoise.core.samplers import SAMPLERS
 from unnoise.core.schedules import SPACINGS
 
 ImageInput = Image.Image | str | Path
+SEED_LIMIT = 2**63  # seeds of a request's images, seed .. seed + n - 1, lie below it (torch generators take 64 bits)
 
 
 @dataclasses.dataclass
 class Request:
-    """A call's validated settings, with the defaults of the model's config filled in."""
+    """One generation request as a caller states it; None takes the model's default (``pipeline.json``).
+
+    ``image`` makes it img2img (``strength`` of the grid is run), ``mask`` too makes it inpainting (white is
+    repainted); ``latents`` is unit initial noise of shape (num_images, C, height/f, width/f), as diffusers' argument.
+    Images ``i`` get seed ``seed + i`` (random when None), so an image is the same alone and in any batch.
+    """
+
+    prompt: str
+    _: dataclasses.KW_ONLY
+    negative_prompt: str | None = None
+    num_images: int = 1
+    steps: int | None = None
+    sampler: str | None = None
+    guidance_scale: float | None = None
+    guidance_rescale: float = 0.0
+    guidance_interval: tuple[float, float] | None = None
+    seed: int | None = None
+    width: int | None = None
+    height: int | None = None
+    spacing: str | None = None
+    image: ImageInput | None = None
+    strength: float = 0.8
+    mask: ImageInput | None = None
+    latents: Tensor | None = None
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ResolvedRequest:
+    """A request checked against a pipeline, with the model's defaults filled in and its image and mask read."""
 
     prompt: str
     negative_prompt: str | None
@@ -40,13 +73,20 @@ class Request:
     mask: Tensor | None  # (1, 1, H, W), 1 = repaint, binarized at 0.5 as diffusers does
     latents: Tensor | None
 
+    @property
+    def batch_key(self) -> tuple[Any, ...]:
+        """Requests with equal keys share one sampler pass: one grid, one latent shape, one guidance."""
+        img2img = self.image is not None
+        return (
+            self.width, self.height, self.steps, self.sampler, self.spacing, self.guidance_scale,
+            self.guidance_rescale, self.guidance_interval, img2img, self.mask is not None,
+            self.strength if img2img else None,
+        )  # fmt: skip
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+# The names of the batch key's entries, for the message when requests cannot share a pass.
+BATCH_KEY_FIELDS = ("width", "height", "steps", "sampler", "spacing", "guidance_scale", "guidance_rescale",
+                    "guidance_interval", "image", "mask", "strength")  # fmt: skip
 
 
 def _fail(name: str, value: Any, allowed: str) -> ValueError:
@@ -54,31 +94,38 @@ def _fail(name: str, value: Any, allowed: str) -> ValueError:
     return ValueError(f"{name}={shown} is not allowed; {allowed}")
 
 
-def resolve_request(pipe: Any, args: dict[str, Any]) -> Request:
-    """Check a call's keyword arguments against the pipeline ``pipe``, read its image and mask, fill defaults."""
+def resolve_request(pipe: Any, request: Request) -> ResolvedRequest:
+    """Check ``request`` against the pipeline ``pipe``, read its image and mask, fill in the model's defaults.
+
+    A bad value raises ``ValueError("field=value is not allowed; ...")``, naming the field as ``Request`` does.
+    """
+    if not isinstance(request, Request):
+        raise TypeError(f"expected an unnoise.pipeline.Request, got {type(request).__name__}")
+    args = {name: getattr(request, name) for name in Request.field_names()}
     if not isinstance(args["prompt"], str):
         raise _fail("prompt", args["prompt"], "expected a str")
     if args["negative_prompt"] is not None and not isinstance(args["negative_prompt"], str):
         raise _fail("negative_prompt", args["negative_prompt"], "expected a str or None")
     n = args["num_images"]
-    if not _is_int(n) or n < 1:
+    if not is_int(n) or n < 1:
         raise _fail("num_images", n, "expected an integer >= 1")
     steps, sampler, spacing, scale = _sampling(pipe, args)
     rescale = args["guidance_rescale"]
-    if not _is_number(rescale) or not 0 <= rescale <= 1:
+    if not is_number(rescale) or not 0 <= rescale <= 1:
         raise _fail("guidance_rescale", rescale, "expected a number in [0, 1]")
     seed = secrets.randbelow(2**32) if args["seed"] is None else args["seed"]
-    if not _is_int(seed) or not 0 <= seed < 2**63:
-        raise _fail("seed", seed, "expected an integer in [0, 2**63) or None for a random one")
+    if not is_int(seed) or not 0 <= seed <= SEED_LIMIT - n:
+        raise _fail("seed", seed, "expected an integer from 0 to 2**63 - num_images (seeds seed .. seed + "
+                    "num_images - 1 must be below 2**63), or None for a random one")  # fmt: skip
     strength = args["strength"]
-    if not _is_number(strength) or not 0 < strength <= 1:
+    if not is_number(strength) or not 0 < strength <= 1:
         raise _fail("strength", strength, "expected a number in (0, 1]")
     image, mask, width, height = _images(pipe, args)
     if image is not None and int(steps * strength) < 1:
         raise _fail("strength", strength, f"with steps={steps} it runs int(steps * strength) = 0 steps; raise either")
     f = pipe.vae_factor
     latents = _latents(args["latents"], (n, pipe.vae.config.latent_channels, height // f, width // f))
-    return Request(
+    return ResolvedRequest(
         args["prompt"], args["negative_prompt"], n, steps, sampler, scale, float(rescale),
         _interval(args["guidance_interval"]), seed, width, height, spacing, float(strength), image, mask, latents,
     )  # fmt: skip
@@ -88,7 +135,7 @@ def _sampling(pipe: Any, args: dict[str, Any]) -> tuple[int, str, str, float]:
     """(steps, sampler, spacing, guidance scale), the model's defaults where the call gives None."""
     defaults, num_train_timesteps = pipe.config.sampling, pipe.num_train_timesteps
     steps = defaults.steps if args["steps"] is None else args["steps"]
-    if not _is_int(steps) or not 1 <= steps <= num_train_timesteps:
+    if not is_int(steps) or not 1 <= steps <= num_train_timesteps:
         raise _fail("steps", steps, f"expected an integer from 1 to the {num_train_timesteps} training timesteps")
     sampler = defaults.sampler if args["sampler"] is None else args["sampler"]
     if sampler not in SAMPLERS:
@@ -97,7 +144,7 @@ def _sampling(pipe: Any, args: dict[str, Any]) -> tuple[int, str, str, float]:
     if spacing not in SPACINGS:
         raise _fail("spacing", spacing, f"allowed: {', '.join(SPACINGS)}")
     scale = defaults.guidance_scale if args["guidance_scale"] is None else args["guidance_scale"]
-    if not _is_number(scale):
+    if not is_number(scale):
         raise _fail("guidance_scale", scale, "expected a finite number")
     return steps, sampler, spacing, float(scale)
 
@@ -105,7 +152,7 @@ def _sampling(pipe: Any, args: dict[str, Any]) -> tuple[int, str, str, float]:
 def _interval(interval: Any) -> tuple[float, float] | None:
     if interval is None:
         return None
-    ok = isinstance(interval, tuple | list) and len(interval) == 2 and all(_is_number(v) for v in interval)
+    ok = isinstance(interval, tuple | list) and len(interval) == 2 and all(is_number(v) for v in interval)
     if not ok or not 0 <= interval[0] < interval[1]:
         raise _fail(
             "guidance_interval", interval, "expected (sigma_lo, sigma_hi) with 0 <= sigma_lo < sigma_hi, or None"
@@ -124,7 +171,7 @@ def _latents(latents: Any, shape: tuple[int, ...]) -> Tensor | None:
 
 
 def _size(name: str, value: Any, factor: int) -> int:
-    if not _is_int(value) or value < factor or value % factor:
+    if not is_int(value) or value < factor or value % factor:
         raise _fail(name, value, f"expected a positive multiple of {factor} (the latent factor of this model)")
     return value
 

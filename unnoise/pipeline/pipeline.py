@@ -1,15 +1,18 @@
 """Text-to-image, image-to-image (SDEdit) and inpainting with a latent diffusion model: text encoder, U-Net, VAE.
 
-A call encodes the prompt, wraps the U-Net as ``VPDenoiser`` -> ``CFGDenoiser`` (-> ``KnownRegion`` when inpainting
-with a model not trained for it), draws each image's noise from its own generator seeded ``seed + i``
-(AUTOMATIC1111's convention, so image i is the same whatever the batch), runs a sampler over the grid of the
-model's scheduler config and decodes the latents. Loading and the config format are in ``pipeline_io``.
+``Pipeline.generate`` is the one way into generation (the library, ``unnoise generate``, the evaluation and every
+HTTP endpoint call it): it resolves each request once (``inputs``), encodes the distinct prompts once, wraps the
+U-Net as ``VPDenoiser`` -> ``CFGDenoiser`` (-> ``KnownRegion`` when inpainting with a model not trained for it),
+draws each image's noise from its own generator seeded ``seed + i`` (AUTOMATIC1111's convention, so image i is the
+same whatever the batch), runs one sampler pass over the grid of the model's scheduler config, decodes the latents,
+records each image's parameters and applies the safety stage. Loading is in ``loading``, the config in ``config``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +28,13 @@ from unnoise.core.noise import randn_like
 from unnoise.core.samplers import sample
 from unnoise.core.schedules import VPSchedule
 from unnoise.files import file_sha256
-from unnoise.models.text import TextEncoder
+from unnoise.models.packing import prepare_for_inference
+from unnoise.models.text import MiniLMEncoder, TextEncoder
 from unnoise.pipeline.config import PipelineConfig, sampling_grid
-from unnoise.pipeline.inputs import ImageInput, Request, resolve_request
+from unnoise.pipeline.inputs import BATCH_KEY_FIELDS, Request, ResolvedRequest, resolve_request
 from unnoise.pipeline.loading import Components, load_components, resolve_model, save_components
 from unnoise.pipeline.png import add_provenance, format_parameters, to_pil
-from unnoise.safety import PROVENANCE_INFO, SafetyChecker
+from unnoise.safety import PROVENANCE_INFO, SafetyChecker, SafetyConfig
 
 # callback(step, total, sigma, latents_preview) -> True to cancel; step counts from 0, the preview is D(x, sigma).
 StepCallback = Callable[[int, int, float, Tensor], bool | None]
@@ -62,7 +66,7 @@ class KnownRegion(nn.Module):
         return self.mask * self.denoiser(x, sigma, **cond) + (1 - self.mask) * self.z0
 
 
-class _UNetModel(nn.Module):
+class UNetDenoiserModel(nn.Module):
     """The U-Net as a ``VPDenoiser`` model; an inpainting U-Net gets ``[mask, masked-image latents]`` appended."""
 
     def __init__(self, unet: nn.Module):
@@ -73,6 +77,27 @@ class _UNetModel(nn.Module):
         if inpaint is not None:
             x = torch.cat([x, inpaint.to(x.dtype)], dim=1)
         return self.unet(x, t, encoder_hidden_states=encoder_hidden_states)
+
+
+@dataclasses.dataclass
+class _Start:
+    """One request's part of a sampler pass: its generators, initial state and inpainting inputs."""
+
+    generators: list[torch.Generator]
+    x: Tensor
+    inpaint: Tensor | None = None  # mask and masked-image latents, appended to an inpainting U-Net's input
+    known: tuple[Tensor, Tensor] | None = None  # (latent mask, z0) for KnownRegion
+
+
+def _check_compatible(reqs: list[ResolvedRequest]) -> None:
+    """One sampler pass needs one batch key: name the first setting where a request differs from the first."""
+    for i, req in enumerate(reqs[1:], start=1):
+        for name, mine, theirs in zip(BATCH_KEY_FIELDS, req.batch_key, reqs[0].batch_key, strict=True):
+            if mine != theirs:
+                raise ValueError(
+                    f"requests[{i}].{name}={mine!r} is not allowed; requests generated together share "
+                    f"{', '.join(BATCH_KEY_FIELDS)} (requests[0].{name}={theirs!r})"
+                )
 
 
 class Pipeline:
@@ -89,11 +114,12 @@ class Pipeline:
         unet_weights: str | Path | None = None,
     ):
         self.unet, self.vae, self.text_encoder = unet.eval(), vae.eval(), text_encoder
+        self._prepare_networks()
         self.config = config or PipelineConfig()
         self.name = name
         self._unet_weights = Path(unet_weights) if unet_weights is not None else None
-        # Prompt filter before generation, image filter + watermark + provenance after (unnoise.safety); the CLI
-        # and the server turn it on, the library leaves it to the caller.
+        # Prompt filter before generation, image filter + watermark + provenance after (unnoise.safety), all in
+        # ``generate``; the CLI and the server turn it on (``enable_safety``), the library leaves it to the caller.
         self.safety: SafetyChecker | None = None
         self._hash: str | None = None
         latent, c = vae.config.latent_channels, unet.config
@@ -136,7 +162,14 @@ class Pipeline:
         self.unet.to(device=device, dtype=dtype)
         self.vae.to(device=device, dtype=None if self.vae.config.force_upcast else dtype)
         self.text_encoder.to(device=device)
+        self._prepare_networks()
         return self
+
+    def _prepare_networks(self) -> None:
+        """The inference defaults of the U-Net and the VAE on their device: on the CPU conv weights packed in place
+        for oneDNN (no copy beside them) and upsampling fused as measured best (docs/benchmarks/models.md)."""
+        prepare_for_inference(self.unet)
+        prepare_for_inference(self.vae)
 
     @property
     def device(self) -> torch.device:
@@ -158,7 +191,10 @@ class Pipeline:
 
     @property
     def default_size(self) -> tuple[int, int]:
-        """(width, height) when a call gives none: the U-Net's sample size in pixels, else the VAE's."""
+        """(width, height) when a call gives none: the first size the config declares, else the U-Net's sample size
+        in pixels, else the VAE's."""
+        if self.config.sizes is not None:
+            return self.config.sizes[0]
         size, factor = self.unet.config.sample_size, self.vae_factor
         if isinstance(size, int):
             return size * factor, size * factor
@@ -177,88 +213,110 @@ class Pipeline:
                 self._hash = hashlib.sha256(safetensors_bytes(state)).hexdigest()[:10]
         return self._hash
 
+    def enable_safety(self, config: SafetyConfig | None = None) -> SafetyChecker:
+        """Turn on the safety stage that ``config`` describes (prompt filter, image filter with a CLIP folder,
+        watermark), sharing this pipeline's MiniLM encoder with the prompt filter; returns it (``self.safety``)."""
+        encoder = self.text_encoder if isinstance(self.text_encoder, MiniLMEncoder) else None
+        self.safety = SafetyChecker.from_config(config, encoder=encoder)
+        return self.safety
+
     # -- generation -----------------------------------------------------------------------------------------------
 
+    def __call__(self, prompt: str, *, callback: StepCallback | None = None, **settings: Any) -> list[Image.Image]:
+        """Generate the images of one request: ``settings`` are the fields of ``Request`` (num_images, steps,
+        sampler, guidance_scale, seed, width, height, image, strength, mask, latents, ...). ``callback(step, total,
+        sigma, preview)`` returning True raises ``GenerationCancelled``. Each image's ``info["parameters"]`` holds its
+        AUTOMATIC1111-format settings (``unnoise.pipeline.png``)."""
+        allowed = [name for name in Request.field_names() if name != "prompt"]
+        unknown = sorted(set(settings) - set(allowed))
+        if unknown:
+            raise TypeError(f"Pipeline() got unknown settings {unknown}; allowed: {', '.join(allowed)}")
+        return self.generate([Request(prompt, **settings)], callback=callback)[0]
+
     @torch.no_grad()
-    def __call__(
-        self,
-        prompt: str,
-        *,
-        negative_prompt: str | None = None,
-        num_images: int = 1,
-        steps: int | None = None,
-        sampler: str | None = None,
-        guidance_scale: float | None = None,
-        guidance_rescale: float = 0.0,
-        guidance_interval: tuple[float, float] | None = None,
-        seed: int | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        latents: Tensor | None = None,
-        image: ImageInput | None = None,
-        strength: float = 0.8,
-        mask: ImageInput | None = None,
-        spacing: str | None = None,
-        callback: StepCallback | None = None,
-    ) -> list[Image.Image]:
-        """Generate ``num_images`` images; with ``image``, img2img from it (``strength`` of the grid); with ``mask``
-        too, repaint where the mask is white. ``latents`` is unit initial noise (num_images, C, h, w), as diffusers'
-        argument. ``callback(step, total, sigma, preview)`` returning True raises ``GenerationCancelled``.
-        Each image's ``info["parameters"]`` holds its AUTOMATIC1111-format settings (``unnoise.pipeline.png``)."""
-        args = dict(locals())  # the call's arguments, by name
-        del args["self"], args["callback"]
-        req = resolve_request(self, args)
+    def generate(
+        self, requests: Sequence[Request | ResolvedRequest], callback: StepCallback | None = None
+    ) -> list[list[Image.Image]]:
+        """The images of each request (a list per request, in order) from one sampler pass over all of them.
+
+        The requests must share their ``batch_key`` (size, steps, sampler, spacing, guidance; image, mask and
+        strength for img2img); each keeps its own prompt, negative prompt, seeds and PNG parameters, and its images
+        equal those it gets alone up to float rounding (at most 1/255). Distinct texts are encoded in one call.
+        With ``self.safety`` set, every prompt is checked first (``PromptBlocked``) and every image is filtered,
+        watermarked and given its provenance afterwards: this is the one place where safety applies.
+        """
+        reqs = [r if isinstance(r, ResolvedRequest) else resolve_request(self, r) for r in requests]
+        if not reqs:
+            raise ValueError("requests=[] is not allowed; expected one or more requests")
+        _check_compatible(reqs)
         if self.safety is not None:
-            self.safety.require_allowed(req.prompt)  # PromptBlocked (a ValueError naming the category)
-        schedule, sigmas = self._grid(req)
-        quantize = self.config.sampling.quantize and req.spacing == "karras"
-        vp = VPDenoiser(_UNetModel(self.unet), schedule, self.config.prediction, quantize=quantize)
-        generators = [torch.Generator().manual_seed(req.seed + i) for i in range(req.num_images)]
-        x, inpaint, known = self._start(req, sigmas, generators, vp.prior_std(sigmas[0].item()))
-        cond, uncond = self._conditioning(req, inpaint)
+            for req in reqs:
+                self.safety.require_allowed(req.prompt)  # PromptBlocked (a ValueError naming the category)
+        first = reqs[0]
+        schedule, sigmas = self._grid(first)
+        quantize = self.config.sampling.quantize and first.spacing == "karras"
+        vp = VPDenoiser(UNetDenoiserModel(self.unet), schedule, self.config.prediction, quantize=quantize)
+        starts = [self._start(req, sigmas, vp.prior_std(sigmas[0].item())) for req in reqs]
+        x = torch.cat([start.x for start in starts])
+        generators = [g for start in starts for g in start.generators]
+        cond, uncond = self._conditioning(reqs, starts)
         space = "v" if self.config.prediction == "v_prediction" else "epsilon"
         denoiser: Callable[..., Tensor] = CFGDenoiser(
-            vp, req.guidance_scale, uncond, req.guidance_rescale, req.guidance_interval, rescale_space=space
+            vp, first.guidance_scale, uncond, first.guidance_rescale, first.guidance_interval, rescale_space=space
         )
-        if known is not None:
-            denoiser = KnownRegion(denoiser, *known)
-        x = self._sample(denoiser, x, sigmas, req.sampler, generators, callback, cond)
+        if starts[0].known is not None:
+            mask, z0 = (torch.cat(parts) for parts in zip(*(start.known for start in starts), strict=True))
+            denoiser = KnownRegion(denoiser, mask, z0)
+        x = self._sample(denoiser, x, sigmas, first.sampler, generators, callback, cond)
         images = self.decode(x)
-        for i, img in enumerate(images):
-            img.info["parameters"] = self._parameters(req, i)
+        out, begin = [], 0
+        for req in reqs:
+            mine = images[begin : begin + req.num_images]
+            for i, image in enumerate(mine):
+                image.info["parameters"] = self._parameters(req, i)
+            out.append(self._finish(mine))
+            begin += req.num_images
+        return out
+
+    def _finish(self, images: list[Image.Image]) -> list[Image.Image]:
+        """The safety stage's image filter, watermark and provenance, written into each image's parameters."""
         if self.safety is None:
             return images
-        images = self.safety.finish(images)
-        for img in images:
-            add_provenance(img, img.info.pop(PROVENANCE_INFO))
-        return images
+        finished = self.safety.finish(images)
+        for image in finished:
+            add_provenance(image, image.info.pop(PROVENANCE_INFO))
+        return finished
 
-    def _grid(self, req: Request) -> tuple[VPSchedule, Tensor]:
+    def _grid(self, req: ResolvedRequest) -> tuple[VPSchedule, Tensor]:
         """The schedule and grid of the scheduler config; img2img keeps the tail that ``strength`` selects."""
         schedule, sigmas = sampling_grid(self.config.schedule, self.config.sampling, req.steps, req.spacing)
         if req.image is not None:  # as diffusers' img2img: start at index steps - int(steps * strength)
             sigmas = sigmas[req.steps - int(req.steps * req.strength) :]
         return schedule, sigmas
 
-    def _conditioning(self, req: Request, inpaint: Tensor | None) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Prompt and negative-prompt embeddings (the cached empty prompt if none) and the inpainting channels."""
-        hidden = self.text_encoder.encode([req.prompt]).hidden_states
-        skip_negative = req.guidance_scale == 1.0 or req.negative_prompt is None
-        negative = self.text_encoder.empty() if skip_negative else self.text_encoder.encode([req.negative_prompt])
-        cond = {"encoder_hidden_states": hidden.to(self.device).expand(req.num_images, -1, -1)}
-        uncond = {"encoder_hidden_states": negative.hidden_states.to(self.device)}
-        if inpaint is not None:
-            cond["inpaint"] = uncond["inpaint"] = inpaint
+    def _conditioning(self, reqs: list[ResolvedRequest], starts: list[_Start]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Prompt and negative-prompt embeddings of every image (the cached empty prompt where a request has no
+        negative prompt or guidance is off), each distinct text encoded once, and the inpainting channels."""
+        negatives = [None if r.guidance_scale == 1.0 else r.negative_prompt for r in reqs]
+        texts = sorted({r.prompt for r in reqs} | {n for n in negatives if n is not None})
+        encoded = dict(zip(texts, self.text_encoder.encode(texts).hidden_states.to(self.device), strict=True))
+        empty = self.text_encoder.empty().hidden_states[0].to(self.device)
+        hidden = [encoded[r.prompt].expand(r.num_images, -1, -1) for r in reqs]
+        negative = [(empty if n is None else encoded[n]).expand(r.num_images, -1, -1) for r, n in zip(reqs, negatives)]
+        cond = {"encoder_hidden_states": torch.cat(hidden)}
+        uncond = {"encoder_hidden_states": torch.cat(negative)}
+        if starts[0].inpaint is not None:
+            cond["inpaint"] = uncond["inpaint"] = torch.cat([start.inpaint for start in starts])
         return cond, uncond
 
-    def _start(
-        self, req: Request, sigmas: Tensor, generators: list[torch.Generator], prior_std: float
-    ) -> tuple[Tensor, Tensor | None, tuple[Tensor, Tensor] | None]:
-        """(initial state, inpainting U-Net channels, (latent mask, z0) for ``KnownRegion``).
+    def _start(self, req: ResolvedRequest, sigmas: Tensor, prior_std: float) -> _Start:
+        """One request's generators, initial state, inpainting U-Net channels and (latent mask, z0) for
+        ``KnownRegion``.
 
-        Each image's generator draws, in order: its posterior sample of the image, its initial noise, its
-        posterior sample of the masked image (inpainting U-Nets); the sampler's noise follows.
+        Image i's generator is seeded ``seed + i`` and draws, in order: its posterior sample of the image, its
+        initial noise, its posterior sample of the masked image (inpainting U-Nets); the sampler's noise follows.
         """
+        generators = [torch.Generator().manual_seed(req.seed + i) for i in range(req.num_images)]
         n, c, f = req.num_images, self.vae.config.latent_channels, self.vae_factor
         shape = (n, c, req.height // f, req.width // f)
         z0 = self._encode(req.image, generators) if req.image is not None else None
@@ -268,15 +326,15 @@ class Pipeline:
         x = noise * prior_std if pure_noise else z0 + sigmas[0].item() * noise
         inpainting_model = self.unet.config.in_channels != c
         if req.mask is None and not inpainting_model:
-            return x, None, None
+            return _Start(generators, x)
         mask = req.mask if req.mask is not None else torch.ones(1, 1, req.height, req.width)
-        m = F.interpolate(mask.to(self.device), size=shape[-2:], mode="nearest")
+        m = F.interpolate(mask.to(self.device), size=shape[-2:], mode="nearest").expand(n, -1, -1, -1)
         if not inpainting_model:
-            return x, None, (m, z0)
+            return _Start(generators, x, known=(m, z0))
         # SD inpainting U-Nets (and AUTOMATIC1111 without an image or mask): a gray image, everything repainted
         image = req.image if req.image is not None else torch.zeros(1, 3, req.height, req.width)
         masked = self._encode(image * (mask < 0.5), generators)
-        return x, torch.cat([m.expand(n, -1, -1, -1), masked], dim=1), None
+        return _Start(generators, x, inpaint=torch.cat([m, masked], dim=1))
 
     def _encode(self, image: Tensor, generators: list[torch.Generator]) -> Tensor:
         """Model latents of one image for each generator: a posterior sample each, scaled by ``vae.to_latent``."""
@@ -286,8 +344,8 @@ class Pipeline:
         z = type(posterior)(moments).sample(generators)
         return self.vae.to_latent(z).float()
 
+    @staticmethod
     def _sample(
-        self,
         denoiser: Callable[..., Tensor],
         x: Tensor,
         sigmas: Tensor,
@@ -316,7 +374,7 @@ class Pipeline:
         pixels = self.vae.decode(self.vae.from_latent(latents.to(self.device, self.vae.dtype))).float()
         return to_pil(pixels)
 
-    def _parameters(self, req: Request, i: int) -> str:
+    def _parameters(self, req: ResolvedRequest, i: int) -> str:
         params: dict[str, Any] = dict(
             prompt=req.prompt,
             negative_prompt=req.negative_prompt,
