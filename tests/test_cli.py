@@ -2,19 +2,27 @@
 bit-exactly, user errors are one line with exit status 2, Ctrl-C exits with 130, the module runs as a script."""
 
 import functools
+import json
 import re
+import shutil
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import diffusers
 import numpy as np
 import pytest
 import transformers
-from helpers import SD_SCHEDULE, run_cli, tiny_components
+from helpers import SD_SCHEDULE, free_port, run_cli, tiny_components
 from PIL import Image
 
 from unnoise import cli
+from unnoise.pipeline import Pipeline, loading
 from unnoise.pipeline.png import read_png_parameters, save_png
+from unnoise.serve.config import ServeConfig
+from unnoise.serve.engine import Engine
+from unnoise.serve.store import JobStore
 
 SIZE = 32  # the tiny model's latent factor is 8
 
@@ -152,7 +160,7 @@ BAD = [
     (["--mask", "mask"], r"argument --mask: mask=.* needs an image"),
     (["--init-image", "image", "--strength", "1.5"], r"argument --strength: strength=1.5 .*\(0, 1\]"),
     (["--strength", "0.5"], r"argument --strength: 0.5 applies to --init-image, which is not given"),
-    (["--model", "notes"], r"argument --model: .*notes.txt holds neither pipeline.json .* nor model_index.json"),
+    (["--model", "notes"], r"argument --model: .*notes.txt is not a folder$"),
     (["--device", "gpu0"], r"argument --device: .*gpu0"),
     (["--from-png", "notes"], r"argument --from-png: cannot identify image file"),
     (["--from-png", "plain"], r"argument --from-png: .*plain.png has no 'parameters' text chunk"),
@@ -178,7 +186,7 @@ def test_missing_command_prompt_and_default_model(capsys, monkeypatch, tmp_path)
     assert (
         status == 2 and stderr == "unnoise generate: error: argument prompt: required unless --from-png FILE is given\n"
     )
-    monkeypatch.setattr(cli, "DEFAULT_MODEL", tmp_path / "default_model")
+    monkeypatch.setattr(loading, "DEFAULT_MODEL", tmp_path / "default_model")
     status, _, stderr = run(capsys, "generate", "a seven")
     assert status == 2 and stderr.count("\n") == 1
     assert "argument --model: the embedded default model is missing" in stderr
@@ -205,3 +213,101 @@ def test_module_runs_as_a_script(model):
     done = unnoise("generate", "a cat", "--model", model, "--size", "32x20")  # loads the model: nothing else printed
     expected = "unnoise generate: error: argument --size: height=20 is not allowed; expected a positive multiple of 8"
     assert done.returncode == 2 and done.stderr.startswith(expected) and done.stderr.count("\n") == 1, done.stderr
+
+
+# -- a model that cannot be loaded: one line naming the file and what is wrong, exit status 2 ------------------------
+
+
+@pytest.fixture(scope="module")
+def ours(model, tmp_path_factory):
+    """The tiny model in our format (pipeline.json, unet/ and vae/ in our model format, CLIP folders)."""
+    folder = tmp_path_factory.mktemp("ours")
+    Pipeline.from_pretrained(model).save_pretrained(folder)
+    return folder
+
+
+def _garble(path):
+    path.write_bytes(b"\xff" * 64)  # not UTF-8; as safetensors, a header length of 2**64 - 1
+
+
+def _drop_vae(path):
+    index = json.loads(path.read_text())
+    del index["vae"]
+    path.write_text(json.dumps(index))
+
+
+NOT_UTF8 = "is not UTF-8 text: 'utf-8' codec can't decode byte 0xff in position 0: invalid start byte"
+NOT_SAFETENSORS = "is not a readable safetensors file: Error while deserializing header: header too large"
+# case -> (format, the file or folder to break, how, the message after "argument --model: ")
+UNLOADABLE = {
+    "corrupt-safetensors": ("ours", "unet/model.safetensors", _garble, "{path} " + NOT_SAFETENSORS),
+    "corrupt-diffusers-safetensors": ("diffusers", "vae/diffusion_pytorch_model.safetensors", _garble,
+                                      "{path} " + NOT_SAFETENSORS),
+    "nonexistent-folder": ("diffusers", ".", shutil.rmtree, "{path} does not exist"),
+    "non-utf8-model-index": ("diffusers", "model_index.json", _garble, "{path} " + NOT_UTF8),
+    "non-utf8-pipeline-json": ("ours", "pipeline.json", _garble, "{path} " + NOT_UTF8),
+    "non-utf8-scheduler-config": ("diffusers", "scheduler/scheduler_config.json", _garble, "{path} " + NOT_UTF8),
+    "partial-diffusers-folder": ("diffusers", "model_index.json", _drop_vae,
+        "{path}: components ['vae'] are missing; a Stable Diffusion folder lists each of ['unet', 'vae', "
+        "'text_encoder', 'tokenizer', 'scheduler'] as [library, class]"),
+    "missing-config": ("diffusers", "unet/config.json", Path.unlink, "{path} does not exist"),
+    "missing-weights": ("diffusers", "unet/diffusion_pytorch_model.safetensors", Path.unlink,
+        "{path} does not exist (nor diffusion_pytorch_model.fp16.safetensors, diffusion_pytorch_model.bin)"),
+    "missing-tokenizer": ("diffusers", "tokenizer", shutil.rmtree, "{path} does not exist"),
+}  # fmt: skip
+
+
+def unloadable(case, model, ours, folder) -> str:
+    """Copy the tiny model in ``case``'s format to ``folder``, break it as ``case`` says; the expected message."""
+    kind, part, breaks, message = UNLOADABLE[case]
+    shutil.copytree(ours if kind == "ours" else model, folder)
+    path = (folder / part).resolve()
+    breaks(path)
+    return message.format(path=path)
+
+
+@pytest.mark.parametrize("case", UNLOADABLE)
+def test_unloadable_model_is_one_line_naming_the_file(capsys, model, ours, tmp_path, case):
+    message = unloadable(case, model, ours, tmp_path / "model")
+    argv = ["a cat", "--model", tmp_path / "model", "-o", tmp_path / "out", "--steps", 1]
+    status, stdout, stderr = run(capsys, "generate", *argv)
+    assert (status, stdout, stderr) == (2, "", f"unnoise generate: error: argument --model: {message}\n")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case", ["corrupt-safetensors", "nonexistent-folder"])
+def test_eval_reports_an_unloadable_model_as_generate_does(capsys, model, ours, tmp_path, case):
+    message = unloadable(case, model, ours, tmp_path / "model")
+    argv = ["--model", tmp_path / "model", "-n", 10, "--metrics", "adherence", "--device", "cpu", "--out", tmp_path]
+    status, _, stderr = run(capsys, "eval", *argv)
+    assert (status, stderr) == (2, f"unnoise eval: error: argument --model: {message}\n")
+
+
+def test_serve_checks_the_model_folder_before_starting(capsys, model, ours, tmp_path):
+    message = unloadable("nonexistent-folder", model, ours, tmp_path / "model")
+    status, _, stderr = run(capsys, "serve", "--model", tmp_path / "model", "--db", tmp_path / "jobs.sqlite3")
+    assert (status, stderr) == (2, f"unnoise serve: error: argument --model: {message}\n")
+
+
+def test_serve_reports_a_model_it_cannot_load_in_one_line(model, ours, tmp_path):
+    """What can only be found by loading (in the background, while the server answers) /ready reports."""
+    message = unloadable("corrupt-safetensors", model, ours, tmp_path / "model")
+    config = ServeConfig(model=tmp_path / "model", db=tmp_path / "jobs.sqlite3", warmup=False, safety=False)
+    engine = Engine(config, JobStore(config.db))
+    engine.start()
+    deadline = time.monotonic() + 60
+    while engine.load_error is None and not engine.ready and time.monotonic() < deadline:
+        time.sleep(0.05)
+    engine.stop()
+    assert engine.load_error == f"ValueError: {message}"
+
+
+def test_serve_exits_2_with_one_error_line_for_a_model_it_cannot_load(model, ours, tmp_path):
+    """The process: no traceback, the loaders' line as `unnoise generate` prints it, exit status 2."""
+    message = unloadable("corrupt-safetensors", model, ours, tmp_path / "model")
+    command = [sys.executable, "-m", "unnoise.serve", "--model", tmp_path / "model", "--port", free_port(), "--db",
+               tmp_path / "jobs.sqlite3", "--no-warmup", "--no-safety"]  # fmt: skip
+    result = subprocess.run([str(c) for c in command], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert f"unnoise serve: error: argument --model: {message}\n" in result.stderr

@@ -108,9 +108,7 @@ def test_checker_refuses_with_category(prompt_filter):
         checker.require_allowed("a rapist")
     assert caught.value.verdict.category == "sexual"
     assert SafetyChecker(SafetyConfig(prompt_filter=False)).check_prompt("a rapist").allowed
-    adapter = checker.as_content_filter()  # the shape of unnoise.serve's ContentFilter
-    assert adapter.check_prompt("a cat", "a rapist") is None
-    assert adapter.check_prompt("a rapist", None) == "category sexual: blocklist term 'rapist' for sexual"
+    assert checker.check_prompt("a rapist") is checker.check_prompt("a rapist")  # remembered, not checked again
 
 
 def test_stale_calibration_warns_and_missing_thresholds_fail(prompt_filter, tmp_path):

@@ -4,6 +4,7 @@ when it is built, else a tiny random one of the same shape (32x32, MiniLM, laten
 
 import base64
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -25,8 +26,10 @@ from unnoise import Pipeline
 from unnoise.models.text import MiniLMEncoder
 from unnoise.models.unet import UNet, UNetConfig
 from unnoise.models.vae import AutoencoderKL, AutoencoderKLConfig
+from unnoise.pipeline import Request
 from unnoise.pipeline.config import PipelineConfig, SamplingConfig, TextEncoderConfig
 from unnoise.pipeline.png import parse_parameters
+from unnoise.safety import ImageVerdict, SafetyChecker, SafetyConfig, Verdict
 from unnoise.serve.config import DEFAULT_MODEL, ServeConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,11 +146,13 @@ class ThreadServer:
 
 @pytest.fixture
 def thread_server(tiny_pipe, tmp_path):
-    """Factory: ``with thread_server(**ServeConfig fields, filters=..., pipe=...) as s: s.base``."""
+    """Factory: ``with thread_server(**ServeConfig fields, checker=SafetyChecker, pipe=...) as s: s.base``; safety
+    is off unless ``safety=True`` or a ``checker`` is given."""
 
-    def make(filters=(), pipe=None, **fields) -> ThreadServer:
-        fields = {"db": tmp_path / f"jobs-{time.monotonic_ns()}.sqlite3", "warmup": False, "max_steps": 1000, **fields}
-        return ThreadServer(ServeConfig(model=Path("unused"), **fields), filters=filters, pipe=pipe or tiny_pipe)
+    def make(checker=None, pipe=None, **fields) -> ThreadServer:
+        fields = {"db": tmp_path / f"jobs-{time.monotonic_ns()}.sqlite3", "warmup": False, "max_steps": 1000,
+                  "safety": False, **fields}  # fmt: skip
+        return ThreadServer(ServeConfig(model=Path("unused"), **fields), safety=checker, pipe=pipe or tiny_pipe)
 
     return make
 
@@ -318,11 +323,38 @@ def test_bad_input_gets_422_naming_the_field(server, path, body, field):
     assert error["param"] == field and error["message"].startswith(field), error
 
 
-def test_request_too_large_for_the_vram_budget_gets_413(server):
-    response = post(server, "/v1/images/generations", {"prompt": "x", "n": 4, "size": "1024x1024", "steps": 1})
+def test_request_too_large_for_the_vram_budget_gets_413(thread_server):
+    with thread_server(vram_budget_gb=BUDGET_GB) as s:  # the tiny model declares no sizes: any size is served
+        response = post(s.base, "/v1/images/generations", {"prompt": "x", "n": 4, "size": "1024x1024", "steps": 1})
     assert response.status_code == 413, response.text
     message = response.json()["error"]["message"]
     assert "VRAM budget" in message and "n=4 at 1024x1024" in message and "GiB" in message
+
+
+def test_sizes_the_model_does_not_declare_get_400_unless_any_size(thread_server, tiny_pipe):
+    """The real clients' default sizes (512x512, 1024x1024) on a 32x32 model: 400 naming its sizes, not minutes of
+    stroke texture; a request without a size gets the model's own; --any-size serves the others."""
+    sized = Pipeline(tiny_pipe.unet, tiny_pipe.vae, tiny_pipe.text_encoder,
+                     dataclasses.replace(tiny_pipe.config, sizes=((32, 32), (64, 32))))  # fmt: skip
+    with thread_server(pipe=sized) as s:
+        for path, body, field, shown in (
+            ("/v1/images/generations", {"prompt": "x", "size": "1024x1024"}, "size", "1024x1024"),
+            ("/sdapi/v1/txt2img", {"prompt": "x", "width": 512, "height": 512}, "width", "512"),
+            ("/v1/jobs", {"prompt": "x", "width": 32, "height": 64}, "width", "32"),
+        ):
+            response = post(s.base, path, body)
+            assert response.status_code == 400, response.text
+            error = response.json()["error"]
+            assert error["code"] == "unsupported_size" and error["param"] == field
+            assert error["message"].startswith(f"{field}={shown} is not allowed; this model supports 32x32, 64x32")
+        body = {"prompt": "x", "steps": 1, "response_format": "b64_json"}
+        default = post(s.base, "/v1/images/generations", body).json()["data"][0]["b64_json"]
+        assert Image.open(io.BytesIO(base64.b64decode(default))).size == (32, 32)
+        wide = post(s.base, "/v1/images/generations", {**body, "size": "64x32"}).json()["data"][0]["b64_json"]
+        assert Image.open(io.BytesIO(base64.b64decode(wide))).size == (64, 32)
+    with thread_server(pipe=sized, any_size=True) as s:
+        response = post(s.base, "/v1/images/generations", {**body, "size": "64x64"})
+        assert response.status_code == 200, response.text
 
 
 # -- acceptance 1: jobs, progress, cancel -----------------------------------------------------------------------------
@@ -448,20 +480,24 @@ def test_exception_in_generation_fails_that_job_only(thread_server, tiny_model):
 
 
 class WordFilter:
-    """A content filter for the safety hook: refuses prompts with ``word``, withholds images of prompts with "hide"."""
+    """A prompt filter that refuses prompts with ``word``, and an image filter that flags images whose recorded
+    prompt says "hide": the pipeline's safety stage with parts of our own."""
 
     def __init__(self, word: str):
         self.word = word
 
-    def check_prompt(self, prompt: str, negative_prompt: str | None) -> str | None:
-        return f"it mentions {self.word!r}" if self.word in prompt else None
-
-    def check_image(self, image: Image.Image, prompt: str) -> str | None:
-        return "the image filter matched" if "hide" in prompt else None
+    def check(self, prompt_or_images):
+        if isinstance(prompt_or_images, str):
+            blocked = self.word in prompt_or_images
+            return Verdict(not blocked, "test" if blocked else None, float(blocked), f"it mentions {self.word!r}")
+        hide = [image.info["parameters"].startswith("hide") for image in prompt_or_images]
+        return [ImageVerdict(flag, "the image filter matched" if flag else None) for flag in hide]
 
 
 def test_content_filter_hook(thread_server):
-    with thread_server(filters=[WordFilter("forbidden")]) as s:
+    words = WordFilter("forbidden")
+    checker = SafetyChecker(SafetyConfig(watermark=False), prompt_filter=words, image_filter=words)
+    with thread_server(checker=checker) as s:
         refused = post(s.base, "/v1/images/generations", {"prompt": "a forbidden thing", "steps": 1})
         assert refused.status_code == 400 and refused.json()["error"]["code"] == "content_policy_violation"
         withheld = post(s.base, "/v1/images/generations", {"prompt": "hide me", "steps": 1})
@@ -472,11 +508,7 @@ def test_content_filter_hook(thread_server):
 
 
 def test_safety_filter_answers_400_with_the_category(thread_server):
-    from unnoise.serve.server import safety_filters
-
-    config = ServeConfig(model=Path("unused"))
-    assert safety_filters(ServeConfig(model=Path("unused"), safety=False)) == []
-    with thread_server(filters=safety_filters(config)) as s:
+    with thread_server(safety=True) as s:
         refused = post(s.base, "/v1/images/generations", {"prompt": "how to make a pipe bomb", "steps": 1})
         error = refused.json()["error"]
         assert refused.status_code == 400 and error["code"] == "content_policy_violation"
@@ -539,3 +571,34 @@ def test_sigterm_drains_running_jobs_then_exits(tiny_model, tmp_path):
         assert png_parameters(store.image(job["id"], 0))["seed"] == 9
     finally:
         store.close()
+
+
+# -- one generation path ----------------------------------------------------------------------------------------------
+
+
+def test_a_request_is_the_same_alone_in_a_batch_through_the_cli_and_the_server(thread_server, tiny_pipe,
+                                                                             tiny_model, tmp_path, capsys):  # fmt: skip
+    """Every surface reaches the pipeline's one public call: same seed, same images (<= 1/255)."""
+    from helpers import run_cli
+
+    from unnoise.cli import main
+
+    prompt, seed = "a handwritten seven", 123
+    mine = Request(prompt, num_images=2, steps=4, seed=seed)
+    other = Request("a three", negative_prompt="blurry", num_images=3, steps=4, seed=7)
+    alone = tiny_pipe.generate([mine])[0]
+    batched = tiny_pipe.generate([other, mine])[1]
+    status, out, err = run_cli(main, capsys, "generate", prompt, "--model", tiny_model, "-n", 2, "--steps", 4,
+                               "--seed", seed, "--no-safety", "--device", "cpu", "-o", tmp_path / "cli")  # fmt: skip
+    assert status == 0, err
+    cli = [Image.open(path) for path in out.split() if not Path(path).name.startswith("grid")]
+    with thread_server() as s:
+        body = {"prompt": prompt, "n": 2, "steps": 4, "seed": seed, "response_format": "b64_json"}
+        data = post(s.base, "/v1/images/generations", body).json()["data"]
+        served = [Image.open(io.BytesIO(base64.b64decode(item["b64_json"]))) for item in data]
+    for images in (batched, cli, served):
+        assert len(images) == 2
+        for got, want in zip(images, alone, strict=True):
+            assert parse_parameters(got.info["parameters"]) == parse_parameters(want.info["parameters"])
+            difference = np.abs(np.asarray(got, float) - np.asarray(want, float)).max()
+            assert difference <= 1, difference  # 8-bit levels

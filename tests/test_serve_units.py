@@ -2,7 +2,6 @@
 store across restarts, the metrics format, API keys, validation messages."""
 
 import copy
-import dataclasses
 import time
 
 import numpy as np
@@ -11,9 +10,15 @@ import torch
 from test_serve import build_tiny_pipeline, parse_prometheus
 
 from unnoise import Pipeline
-from unnoise.models.layers import kept_packed_bytes, packed_weight_bytes, set_weight_packing
+from unnoise.models.packing import (
+    conv_backend,
+    kept_packed_bytes,
+    onednn_runs,
+    packed_weight_bytes,
+    prepare_for_inference,
+    set_weight_packing,
+)
 from unnoise.serve.app import KeyCheck
-from unnoise.serve.batch import generate_batch
 from unnoise.serve.config import ServeConfig
 from unnoise.serve.metrics import Counter, Histogram, ServerMetrics
 from unnoise.serve.store import JobStore
@@ -38,26 +43,24 @@ def bf16_pipe(pipe):
     return half
 
 
-CPU_BF16_PADDING = pytest.mark.xfail(
-    strict=True,
-    reason="not modelled: PyTorch's own bf16 convolutions on CPU (weight packing off) copy input and output to a "
-    "blocked layout padded to 16 channels (this test VAE has 1 and 8); the packed path reads them in place, and "
-    "the CUDA decode measured in benchmarks/gpu.py stays under the estimate",
-)
-
-
 @pytest.mark.parametrize(
     "dtype, batch, size, packed",
     [(d, b, s, True) for d in ("float32", "bfloat16") for b, s in ((1, 64), (2, 128), (1, 256))]
     + [("float32", 2, 128, False), ("float32", 1, 256, False), ("bfloat16", 2, 128, False)]
-    + [pytest.param("bfloat16", 1, 256, False, marks=CPU_BF16_PADDING)],
+    + [("bfloat16", 1, 256, False), ("float32", 2, 128, "in_place"), ("bfloat16", 1, 256, "in_place")],
 )
 def test_planner_bounds_the_profiled_peak_on_cpu(pipe, bf16_pipe, dtype, batch, size, packed):
     """The estimate of each phase is at least the profiler's peak and, above a few MiB, at most twice it; in
     bfloat16 as well (GroupNorm's float32 statistics, half-size activations), with the conv/linear weights packed
-    for oneDNN (the default) and without."""
+    for oneDNN beside the plain ones, in place of them (``prepare_for_inference``, the Pipeline's default) and not
+    at all. Which convolution kernel runs depends on the CPU (bf16 packs only where oneDNN has bf16 kernels, AVX-512
+    or AMX; elsewhere PyTorch unfolds the input, im2col): the planner models each (``packing.conv_backend``), so the
+    same bounds hold on every CPU."""
     pipe = copy.deepcopy(bf16_pipe if dtype == "bfloat16" else pipe)
-    set_weight_packing(pipe.unet, packed), set_weight_packing(pipe.vae, packed)
+    if packed == "in_place":
+        prepare_for_inference(pipe.unet), prepare_for_inference(pipe.vae)
+    else:
+        set_weight_packing(pipe.unet, packed), set_weight_packing(pipe.vae, packed)
     dtype = getattr(torch, dtype)
     planner = VramPlanner(pipe, budget=2**40, max_batch=64)
     estimate = planner.estimate(batch, size, size)
@@ -68,11 +71,12 @@ def test_planner_bounds_the_profiled_peak_on_cpu(pipe, bf16_pipe, dtype, batch, 
     z = torch.randn(batch, 4, h, h, dtype=dtype)
     with torch.no_grad():  # warm up: what the first call keeps (reordered weights) is in the planner's weights
         pipe.unet(x, t, encoder_hidden_states=context), pipe.vae.decode(z)
-    assert (packed_weight_bytes(pipe.unet) > 0) == packed
+    assert (packed_weight_bytes(pipe.unet) > 0) == (packed is True and onednn_runs(dtype, "cpu"))
+    assert kept_packed_bytes(pipe.unet) == packed_weight_bytes(pipe.unet)
     unet = measured_activations(lambda: pipe.unet(x, t, encoder_hidden_states=context), "cpu")
     vae = measured_activations(lambda: pipe.vae.decode(z), "cpu")
-    print(f"{dtype} {batch}x{size}px packed={packed}: U-Net {estimate.unet / unet:.2f}x of {unet / MIB:.1f} MiB, "
-          f"VAE {estimate.vae / vae:.2f}x of {vae / MIB:.1f} MiB")  # fmt: skip
+    print(f"{dtype} {batch}x{size}px packed={packed} ({conv_backend(pipe.vae)}): U-Net {estimate.unet / unet:.2f}x "
+          f"of {unet / MIB:.1f} MiB, VAE {estimate.vae / vae:.2f}x of {vae / MIB:.1f} MiB")  # fmt: skip
     for estimated, measured in ((estimate.unet, unet), (estimate.vae, vae)):
         assert estimated >= measured
         assert measured < 4 * MIB or estimated <= 2 * measured
@@ -81,12 +85,21 @@ def test_planner_bounds_the_profiled_peak_on_cpu(pipe, bf16_pipe, dtype, batch, 
 def test_planner_counts_the_packed_weights_a_cpu_call_keeps(pipe):
     """The planner's weights include the reordered copies that an inference call leaves on the CPU layers."""
     pipe = copy.deepcopy(pipe)
+    set_weight_packing(pipe.unet, True)  # beside the weights (the Pipeline's default packs them in place)
     expected = packed_weight_bytes(pipe.unet)
     assert expected > 0 and VramPlanner(pipe, 2**40, 8).weights >= module_bytes(pipe.unet, pipe.vae) + expected
     with torch.no_grad():
         context = torch.randn(2, pipe.text_encoder.max_length, pipe.text_encoder.dim)
         pipe.unet(torch.randn(2, 4, 8, 8), torch.full((2,), 500.0), encoder_hidden_states=context)
     assert kept_packed_bytes(pipe.unet) == expected
+
+
+def test_planner_combines_the_figures_the_networks_report(pipe):
+    planner = VramPlanner(pipe, budget=2**40, max_batch=8)
+    estimate, h = planner.estimate(2, 128, 128), 128 // pipe.vae_factor
+    assert estimate.unet == pipe.unet.activation_bytes(4, h, h, pipe.text_encoder.max_length)  # the guidance batch
+    assert estimate.vae == pipe.vae.decode_activation_bytes(2, h, h)
+    assert planner.weights == pipe.unet.resident_bytes() + pipe.vae.resident_bytes() + module_bytes(pipe.text_encoder)
 
 
 def test_planner_picks_the_largest_batch_under_the_budget(pipe):
@@ -112,16 +125,21 @@ def test_413_names_the_largest_batch_that_fits(pipe):
 # -- batching ------------------------------------------------------------------------------------------------------
 
 
-def test_batch_of_requests_equals_each_alone(pipe):
-    a = GenerationSpec("a seven", None, 2, 32, 32, 5, "euler_a", "leading", 2.0, 10)
-    b = dataclasses.replace(a, prompt="a three", negative_prompt="blurry", n=1, seed=99)
-    for spec, images in zip((a, b), generate_batch(pipe, [a, b]), strict=True):
-        alone = pipe(**spec.call_arguments())
+def test_specs_of_one_batch_key_generate_as_each_alone(pipe):
+    """The server's specs batch by the pipeline's key and run through its public call, as each would alone."""
+    values = dict(prompt="a seven", n=2, steps=5, sampler="euler_a", guidance_scale=2.0, seed=10)
+    a = build_spec(values, FIELDS_NATIVE, ServeConfig(), pipe)
+    b = build_spec({**values, "prompt": "a three", "negative_prompt": "blurry", "n": 1, "seed": 99}, FIELDS_NATIVE,
+                   ServeConfig(), pipe)  # fmt: skip
+    c = build_spec({**values, "steps": 6}, FIELDS_NATIVE, ServeConfig(), pipe)
+    assert a.batch_key == b.batch_key != c.batch_key
+    for spec, images in zip((a, b), pipe.generate([a.resolved, b.resolved]), strict=True):
+        alone = pipe.generate([spec.request()])[0]
         for got, want in zip(images, alone, strict=True):
             assert got.info["parameters"] == want.info["parameters"]
             assert np.abs(np.asarray(got, float) - np.asarray(want, float)).max() <= 1
-    with pytest.raises(ValueError, match="batch_key"):
-        generate_batch(pipe, [a, dataclasses.replace(b, steps=6)])
+    with pytest.raises(ValueError, match=r"^requests\[1\]\.steps=6 is not allowed; requests generated together share"):
+        pipe.generate([a.resolved, c.resolved])
 
 
 def test_pipeline_check_relabels_the_field(pipe, monkeypatch):

@@ -25,11 +25,9 @@ from unnoise.cli_safety import add_parser as add_safety_parser
 from unnoise.core.samplers import SAMPLERS
 from unnoise.core.schedules import SPACINGS
 from unnoise.eval.cli import add_parser as add_eval_parser
-from unnoise.models.text import MiniLMEncoder
 from unnoise.pipeline import Pipeline
-from unnoise.pipeline.loading import DEFAULT_MODEL
 from unnoise.pipeline.png import call_arguments, make_grid, parse_parameters, read_png_parameters, save_png
-from unnoise.safety import PROVENANCE_KEYS, SafetyChecker, SafetyConfig, image_verdict
+from unnoise.safety import PROVENANCE_KEYS, SafetyConfig, image_verdict
 from unnoise.serve.cli import add_parser as add_serve_parser
 from unnoise.usage import UsageError, user_errors
 
@@ -224,7 +222,8 @@ def generate(args: argparse.Namespace) -> None:
     settings, keep, recorded = _settings(args)
     pipe = _load(args.model, args.device)
     if not args.no_safety:
-        pipe.safety = _safety(pipe, args)
+        with _user_errors("--safety-clip"):
+            pipe.enable_safety(SafetyConfig(clip_model=args.safety_clip))
     if recorded.get("model_hash") not in (None, pipe.model_hash):
         _warn(
             f"{args.from_png} was made with model {recorded.get('model')!r} (hash {recorded['model_hash']}), not "
@@ -240,13 +239,6 @@ def generate(args: argparse.Namespace) -> None:
         paths = write_images(images, args.output)
     for path in paths:
         print(path)
-
-
-def _safety(pipe: Pipeline, args: argparse.Namespace) -> SafetyChecker:
-    """The safety stage: prompt filter (sharing the pipeline's MiniLM), image filter with --safety-clip, watermark."""
-    encoder = pipe.text_encoder if isinstance(pipe.text_encoder, MiniLMEncoder) else None
-    with _user_errors("--safety-clip"):
-        return SafetyChecker.from_config(SafetyConfig(clip_model=args.safety_clip), encoder=encoder)
 
 
 def _delivered(pipe: Pipeline, images: list[Image.Image]) -> list[Image.Image]:
@@ -300,20 +292,12 @@ def _settings(args: argparse.Namespace) -> tuple[dict[str, Any], int | None, dic
 
 
 def _load(model: Path | None, device: str | None) -> Pipeline:
-    if model is None:
-        if not (DEFAULT_MODEL / "pipeline.json").is_file():
-            raise UsageError(
-                f"argument --model: the embedded default model is missing from {DEFAULT_MODEL}; reinstall unnoise "
-                "(or `make default-model` in a source checkout), or pass --model DIR, a diffusers Stable Diffusion "
-                "folder or an unnoise pipeline folder"
-            )
-        model = DEFAULT_MODEL
     try:
         target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError as error:
         raise UsageError(f"argument --device: {error}") from None
     with _user_errors("--model"):
-        pipe = Pipeline.from_pretrained(model)
+        pipe = Pipeline.from_pretrained(model if model is not None else "default")
     try:
         return pipe.to(target)
     except (RuntimeError, AssertionError) as error:  # torch asserts that it was built with CUDA

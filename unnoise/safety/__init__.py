@@ -9,7 +9,6 @@ from unnoise.safety.checker import (
     PromptBlocked,
     SafetyChecker,
     SafetyConfig,
-    SafetyContentFilter,
     image_verdict,
 )
 from unnoise.safety.image_filter import (
@@ -41,7 +40,6 @@ __all__ = [
     "PromptFilter",
     "SafetyChecker",
     "SafetyConfig",
-    "SafetyContentFilter",
     "StaleCalibrationWarning",
     "Verdict",
     "WatermarkTooSmall",

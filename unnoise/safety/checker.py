@@ -4,12 +4,15 @@ Before generation ``check_prompt`` (or ``require_allowed``, which raises ``Promp
 ``finish(images)``, which runs the image filter, embeds the watermark and writes the provenance pairs, and returns
 every image with its ``ImageVerdict`` in ``image.info["safety"]`` (the pipeline never hides an image); where images
 leave the process, ``deliver`` applies the configured action to a flagged one (withhold, blur or flag only).
-``as_content_filter()`` gives the same checks in the shape of the server's ``ContentFilter`` hook.
+The pipeline calls ``require_allowed`` and ``finish`` in ``Pipeline.generate``; the CLI and the server call
+``deliver``, and the server asks ``check_prompt`` before it queues a request (verdicts are remembered, so the
+pipeline's own check of the same prompt costs nothing).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,6 +34,7 @@ from unnoise.safety.watermark import DEFAULT_KEY, DEFAULT_PAYLOAD, PAYLOAD_BITS
 
 INFO_KEY = "safety"  # image.info[INFO_KEY]: the image's ImageVerdict (absent: the image filter did not run)
 ALLOWED = Verdict(True, None, 0.0, "prompt filter is off")
+PROMPT_MEMORY = 256  # prompt verdicts remembered: the server checks at submit, the pipeline again when it runs
 
 
 class PromptBlocked(ValueError):
@@ -76,6 +80,8 @@ class SafetyChecker:
         image_filter: ImageFilter | None = None,
     ):
         self.config, self.prompt_filter, self.image_filter = config, prompt_filter, image_filter
+        self._verdicts: dict[str, Verdict] = {}  # the last PROMPT_MEMORY prompts' verdicts, oldest first
+        self._lock = threading.Lock()  # the server's request threads and its worker share the checker
 
     @classmethod
     def from_config(
@@ -93,7 +99,17 @@ class SafetyChecker:
 
     def check_prompt(self, prompt: str) -> Verdict:
         """The prompt filter's verdict (always allowed when the filter is off)."""
-        return self.prompt_filter.check(prompt) if self.prompt_filter is not None else ALLOWED
+        if self.prompt_filter is None:
+            return ALLOWED
+        with self._lock:
+            verdict = self._verdicts.pop(prompt, None)
+        if verdict is None:
+            verdict = self.prompt_filter.check(prompt)
+        with self._lock:
+            self._verdicts[prompt] = verdict  # most recent last
+            if len(self._verdicts) > PROMPT_MEMORY:
+                del self._verdicts[next(iter(self._verdicts))]
+        return verdict
 
     def require_allowed(self, prompt: str) -> Verdict:
         """``check_prompt``, raising ``PromptBlocked`` for a refused prompt."""
@@ -124,10 +140,6 @@ class SafetyChecker:
             return image
         return apply_action(image, verdict, self.config.image_action)
 
-    def as_content_filter(self) -> SafetyContentFilter:
-        """This checker in the shape of the server's ``ContentFilter`` hook (a reason, or None to let through)."""
-        return SafetyContentFilter(self)
-
     def _check_images(self, images: Sequence[Image.Image]) -> list[ImageVerdict | None]:
         if self.image_filter is None:
             return [None] * len(images)
@@ -142,25 +154,6 @@ class SafetyChecker:
             w, h = image.size
             return image.copy(), watermark_note(None, f"{w}x{h} is below the {watermark.MIN_SIDE} px minimum side")
         return marked, watermark_note(self.config.watermark_payload)
-
-
-class SafetyContentFilter:
-    """``check_prompt`` / ``check_image`` returning the refusal reason (with the category) or None."""
-
-    def __init__(self, checker: SafetyChecker):
-        self.checker = checker
-
-    def check_prompt(self, prompt: str, negative_prompt: str | None = None) -> str | None:
-        verdict = self.checker.check_prompt(prompt)  # the negative prompt is not judged: it names what to avoid
-        return None if verdict.allowed else f"category {verdict.category}: {verdict.reason}"
-
-    def finish(self, images: Sequence[Image.Image]) -> list[Image.Image]:
-        """Image filter verdicts, watermark and provenance, as the pipeline's ``safety`` stage adds them."""
-        return self.checker.finish(images)
-
-    def check_image(self, image: Image.Image, prompt: str | None = None) -> str | None:
-        verdict = image_verdict(image) or self.checker.check_image(image)  # the pipeline's verdict, if it ran
-        return verdict.reason if verdict.flagged else None
 
 
 def image_verdict(image: Image.Image) -> ImageVerdict | None:

@@ -16,26 +16,28 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from unnoise.pipeline import Pipeline
+from unnoise.safety import SafetyChecker
 from unnoise.serve.config import ServeConfig
 from unnoise.serve.engine import Engine
-from unnoise.serve.jobs import ContentFilter
 from unnoise.serve.metrics import CONTENT_TYPE
 from unnoise.serve.store import JobStore
 from unnoise.serve.validation import ApiError
 
 
-def create_app(config: ServeConfig, *, filters: Sequence[ContentFilter] = (), pipe: Pipeline | None = None) -> FastAPI:
-    """The server for ``config``; ``pipe`` replaces loading ``config.model`` (tests, embedding)."""
+def create_app(config: ServeConfig, *, safety: SafetyChecker | None = None, pipe: Pipeline | None = None) -> FastAPI:
+    """The server for ``config``; ``pipe`` replaces loading ``config.model`` and ``safety`` the checker that
+    ``config.safety`` asks for (tests, embedding)."""
     from unnoise.serve.routes import router  # the routes import this module's helpers
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         store = JobStore(config.db)
-        engine = Engine(config, store, filters)
+        engine = Engine(config, store, safety)
         app.state.store, app.state.engine = store, engine
         engine.start(pipe)
         try:
@@ -44,8 +46,9 @@ def create_app(config: ServeConfig, *, filters: Sequence[ContentFilter] = (), pi
             engine.stop()
             store.close()
 
+    # FastAPI's /docs and /redoc load their scripts from a CDN; _open_routes serves /docs with a package's files
     app = FastAPI(title="unnoise", summary="Text-to-image diffusion: OpenAI Images and AUTOMATIC1111 compatible",
-                  lifespan=lifespan)  # fmt: skip
+                  lifespan=lifespan, docs_url=None, redoc_url=None)  # fmt: skip
     app.state.config = config
     app.state.keys = KeyCheck(config.api_keys)
     app.add_middleware(RequestMetrics)
@@ -140,6 +143,15 @@ def _add_error_handlers(app: FastAPI) -> None:
         return await api_error(request, ApiError(500, message, code="internal_error"))
 
 
+# Swagger UI's files as the fastapi-offline package ships them, so that /docs works without internet (no ReDoc: its
+# page loads a logo from a CDN).
+DOCS_ASSETS = {"swagger-ui-bundle.js": "text/javascript", "swagger-ui.css": "text/css"}
+
+
+def _package_file(package: str, name: str, media_type: str) -> Response:
+    return Response(importlib.resources.files(package).joinpath(name).read_bytes(), media_type=media_type)
+
+
 def _open_routes() -> Any:
     from fastapi import APIRouter
 
@@ -148,6 +160,24 @@ def _open_routes() -> Any:
     @open_router.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:
         return HTMLResponse(importlib.resources.files("unnoise.serve").joinpath("static/index.html").read_text())
+
+    @open_router.get("/favicon.ico", include_in_schema=False)
+    async def favicon() -> Response:
+        return _package_file("unnoise.serve", "static/favicon.ico", "image/x-icon")
+
+    @open_router.get("/docs", include_in_schema=False)
+    async def swagger_ui(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "").rstrip("/")
+        return get_swagger_ui_html(openapi_url=root + request.app.openapi_url, title="unnoise API",
+                                   swagger_js_url=f"{root}/docs/assets/swagger-ui-bundle.js",
+                                   swagger_css_url=f"{root}/docs/assets/swagger-ui.css",
+                                   swagger_favicon_url=f"{root}/favicon.ico")  # fmt: skip
+
+    @open_router.get("/docs/assets/{name}", include_in_schema=False)
+    async def docs_asset(name: str) -> Response:
+        if name not in DOCS_ASSETS:
+            raise ApiError(404, f"there is no docs file {name!r}", param="name", code="not_found")
+        return _package_file("fastapi_offline", f"static/{name}", DOCS_ASSETS[name])
 
     @open_router.get("/health")
     async def health() -> dict[str, str]:

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from unnoise.pipeline.loading import resolve_model
 from unnoise.serve.config import DEFAULT_MODEL, ServeConfig
 
 # ServeConfig fields whose flag is not the field's name with dashes.
@@ -53,6 +54,8 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=d.max_steps, metavar="S", help="(default: %(default)s)")
     p.add_argument("--max-pixels", type=int, default=d.max_pixels, metavar="P",
                    help="width x height at most (default: %(default)s)")  # fmt: skip
+    p.add_argument("--any-size", action="store_true",
+                   help="also serve sizes that the model does not declare (default: refused)")  # fmt: skip
     p.add_argument("--no-warmup", action="store_true", help="ready without a warm-up generation")
     p.add_argument("--no-safety", action="store_true", help="turn off the prompt and image filters (docs/safety.md)")
     p.add_argument("--safety-clip", type=Path, metavar="DIR", help="a CLIP model folder: also filter images")
@@ -68,7 +71,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         max_batch=args.max_batch, batch_wait_s=args.batch_wait, vram_budget_gb=args.vram_budget,
         api_keys=tuple(args.api_key), db=args.db, timeout_s=args.timeout, drain_timeout_s=args.drain_timeout,
         max_steps=args.max_steps, max_pixels=args.max_pixels, warmup=not args.no_warmup, safety=not args.no_safety,
-        safety_clip=args.safety_clip,
+        safety_clip=args.safety_clip, any_size=args.any_size,
     ).with_env_keys()  # fmt: skip
 
 
@@ -79,10 +82,10 @@ def run(args: argparse.Namespace) -> None:
     except ValueError as error:
         field = str(error).split("=")[0].split(":")[0]
         args.error(f"argument {_FLAGS.get(field, '--' + field.replace('_', '-'))}: {error}")
-    if not any((config.model / name).is_file() for name in ("pipeline.json", "model_index.json")):
-        default = " (the embedded default model is not built yet)" if args.model is None else ""
-        args.error(f"argument --model: {config.model} is not a pipeline folder (no pipeline.json or "
-                   f"model_index.json){default}")  # fmt: skip
+    try:  # the model loads in the background (reported by /ready); what can be checked now is checked now
+        resolve_model(args.model if args.model is not None else "default")
+    except OSError as error:
+        args.error(f"argument --model: {error}")
     from unnoise.serve.server import serve  # fastapi and uvicorn only when serving
 
     print(f"unnoise serve: {config.model} on http://{config.host}:{config.port}", file=sys.stderr)

@@ -6,10 +6,8 @@ import dataclasses
 import os
 from pathlib import Path
 
-import unnoise
+from unnoise.pipeline.loading import DEFAULT_MODEL
 
-# The embedded default model (package data, trained by configs/mnist-ldm.toml).
-DEFAULT_MODEL = Path(unnoise.__file__).parent / "weights" / "mnist-ldm"
 API_KEYS_ENV = "UNNOISE_API_KEYS"  # comma-separated keys, so that they need not appear in the process list
 
 
@@ -35,6 +33,7 @@ class ServeConfig:
     max_pixels: int = 1024 * 1024
     max_prompt_chars: int = 1000
     guidance_range: tuple[float, float] = (0.0, 30.0)
+    any_size: bool = False  # serve sizes the model does not declare (pipeline.json "sizes"); refused with 400 if not
     warmup: bool = True  # one generation before /ready says yes
     safety: bool = True  # the prompt filter (400 with the category) and, with safety_clip, the image filter
     safety_clip: Path | None = None  # a CLIP model folder for the image filter (unnoise.safety.CLIPConceptFilter)

@@ -1,12 +1,13 @@
 """The engine: a bounded queue of jobs and one worker thread that batches them through the pipeline.
 
-The worker takes the oldest queued job and every other queued job with the same ``batch_key`` (size, steps,
-sampler, guidance) in arrival order, up to the batch that ``--max-batch`` and the VRAM planner allow, and runs
-them as one sampler run (``batch.generate_batch``); while fewer jobs are queued than the last run had, it first
-waits a few milliseconds (``batch_wait_s``) for that run's clients to come back. At each step it reports progress
-to each job's listeners and drops jobs that were cancelled or ran past their deadline; when no job of the run is
-left, the run stops. An exception fails the jobs of that run with 500 (a run of several jobs is first retried one
-job at a time, so one bad request cannot fail the others), and the worker goes on with the next batch.
+The worker takes the oldest queued job and every other queued job with the same ``batch_key`` (the pipeline's:
+size, steps, sampler, guidance) in arrival order, up to the batch that ``--max-batch`` and the VRAM planner allow,
+and runs them as one sampler pass (``Pipeline.generate`` on their resolved requests); while fewer jobs are queued
+than the last run had, it first waits a few milliseconds (``batch_wait_s``) for that run's clients to come back.
+At each step it reports progress to each job's listeners and drops jobs that were cancelled or ran past their
+deadline; when no job of the run is left, the run stops. An exception fails the jobs of that run with 500 (a run
+of several jobs is first retried one job at a time, so one bad request cannot fail the others), and the worker goes
+on with the next batch.
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ from typing import Any
 import torch
 
 from unnoise.pipeline import GenerationCancelled, Pipeline
-from unnoise.serve.batch import generate_batch
+from unnoise.safety import SafetyChecker, SafetyConfig, image_verdict
 from unnoise.serve.config import ServeConfig
-from unnoise.serve.jobs import ContentFilter, Job, Listener, png_bytes
+from unnoise.serve.jobs import Job, Listener, png_bytes
 from unnoise.serve.metrics import ServerMetrics
 from unnoise.serve.store import JobStore
 from unnoise.serve.validation import ApiError, GenerationSpec
@@ -37,14 +38,19 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 class Engine:
-    """``submit`` / ``cancel`` / ``subscribe`` from the API (any thread); ``start`` loads the model and runs jobs."""
+    """``submit`` / ``cancel`` / ``subscribe`` from the API (any thread); ``start`` loads the model and runs jobs.
 
-    def __init__(self, config: ServeConfig, store: JobStore, filters: Sequence[ContentFilter] = ()):
-        self.config, self.store, self.filters = config, store, tuple(filters)
+    Safety is the pipeline's (``Pipeline.safety``): the checker given here, else the one ``config`` asks for, built
+    by ``Pipeline.enable_safety`` once the model is loaded; none with ``config.safety`` off.
+    """
+
+    def __init__(self, config: ServeConfig, store: JobStore, safety: SafetyChecker | None = None):
+        self.config, self.store, self._safety = config, store, safety
         self.pipe: Pipeline | None = None
         self.planner: VramPlanner | None = None
         self.ready = False
         self.load_error: str | None = None
+        self.model_unusable = False  # the load failed on the model's files (a user error), not in our code
         self.draining = False
         self.metrics = ServerMetrics(
             queue_depth=lambda: len(self._queue), running=lambda: len(self._running), ready=lambda: float(self.ready)
@@ -70,12 +76,20 @@ class Engine:
             torch.set_num_threads(self.config.threads)
         try:
             self.pipe = pipe if pipe is not None else self._load()
+            if self._safety is not None:
+                self.pipe.safety = self._safety
+            elif self.config.safety:
+                self.pipe.enable_safety(SafetyConfig(clip_model=self.config.safety_clip))
+            else:
+                self.pipe.safety = None
             self.planner = VramPlanner(self.pipe, _budget(self.config, self.pipe.device), self.config.max_batch)
             _ = self.pipe.model_hash  # hash the weights file once, here rather than in a request
             if self.config.warmup:
                 self.pipe("warm-up", steps=2, seed=0)
         except Exception as error:  # noqa: BLE001 - reported by /ready, the process stays up for it
-            traceback.print_exc()
+            self.model_unusable = isinstance(error, ValueError | OSError)  # the loaders' one-line file errors
+            if not self.model_unusable:
+                traceback.print_exc()
             self.load_error = f"{type(error).__name__}: {error}"
             return
         self.ready = True
@@ -118,6 +132,17 @@ class Engine:
         if not self.ready:
             why = f"the model failed to load: {self.load_error}" if self.load_error else "the model is loading"
             raise ApiError(503, why, code="not_ready", headers={"Retry-After": "5"})
+
+    def refusal(self, prompt: str) -> str | None:
+        """Why the pipeline's prompt filter refuses ``prompt`` (counted and logged), or None to let it through."""
+        if self.pipe is None or self.pipe.safety is None:
+            return None
+        verdict = self.pipe.safety.check_prompt(prompt)
+        if verdict.allowed:
+            return None
+        self.metrics.filter_blocks.inc(stage="prompt")
+        logging.getLogger("unnoise.serve").warning("prompt blocked (%s): %r", verdict.reason, prompt[:200])
+        return f"category {verdict.category}: {verdict.reason}"
 
     def submit(self, specs: Sequence[GenerationSpec], api: str) -> list[Job]:
         """Queue one job per spec, all or none: 429 with Retry-After when the queue has no room for them."""
@@ -254,7 +279,7 @@ class Engine:
                 job.emit("status", {"status": "running", "batch_size": images})
         self.metrics.batch_size.observe(images)
         try:
-            results = generate_batch(self.pipe, [job.spec for job in batch], self._on_step(batch))
+            results = self.pipe.generate([job.spec.resolved for job in batch], self._on_step(batch))
         except GenerationCancelled:
             return  # every job of the run was finished by the step callback
         elapsed = time.time() - started
@@ -266,7 +291,7 @@ class Engine:
     def _on_step(self, batch: list[Job]) -> Any:
         last = [time.perf_counter()]
 
-        def on_step(i: int, total: int, sigma: float) -> bool:
+        def on_step(i: int, total: int, sigma: float, preview: torch.Tensor) -> bool:
             now = time.perf_counter()
             self.metrics.step_seconds.observe(now - last[0])
             last[0] = now
@@ -291,22 +316,22 @@ class Engine:
         return on_step
 
     def _deliver(self, job: Job, images: list[Any]) -> None:
-        """Filter, encode and store the images of a job that is still running."""
+        """Encode and store the images of a job that is still running, as the safety config delivers them: the
+        pipeline has filtered, watermarked and recorded them; a withheld image fails the job with 400."""
         if job.done:
             return
-        for f in self.filters:  # the safety checker's image filter, watermark and provenance (unnoise.safety)
-            finish = getattr(f, "finish", None)
-            if finish is not None:
-                images = finish(images)
-        for i, image in enumerate(images):
-            reason = next((r for f in self.filters if (r := f.check_image(image, job.spec.prompt))), None)
-            if reason is not None:
+        safety = self.pipe.safety
+        delivered = [safety.deliver(image) if safety is not None else image for image in images]
+        for i, image in enumerate(delivered):
+            if image is None:
+                reason = image_verdict(images[i]).reason
                 self.metrics.filter_blocks.inc(stage="image")
                 logging.getLogger("unnoise.serve").warning("image %d of job %s blocked: %s", i, job.id, reason)
                 with self._cond:
                     message = f"image {i} was withheld by the content filter: {reason}"
                     self._finish(job, "failed", error=message, code="content_policy_violation", http_status=400)
                 return
+        images = delivered
         encoded = [(job.spec.seed + i, image.info["parameters"], png_bytes(image)) for i, image in enumerate(images)]
         with self._cond:
             job.step = job.spec.steps

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import io
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 from PIL import Image, PngImagePlugin
 
@@ -14,18 +14,6 @@ from unnoise.serve.validation import GenerationSpec
 FINAL = ("succeeded", "failed", "cancelled")
 # listener(event, data): "status" {status}, "progress" {step, total, sigma}, "done" {the job record}
 Listener = Callable[[str, dict[str, Any]], None]
-
-
-class ContentFilter(Protocol):
-    """The safety hook: a prompt filter before a job is queued, an image filter before its images are returned.
-
-    Each returns None to let the request through, or the reason it is refused (shown to the client, counted in
-    ``unnoise_filter_blocks_total``). ``create_app(..., filters=[...])`` takes any number; none by default.
-    """
-
-    def check_prompt(self, prompt: str, negative_prompt: str | None) -> str | None: ...
-
-    def check_image(self, image: Image.Image, prompt: str) -> str | None: ...
 
 
 @dataclasses.dataclass(eq=False)

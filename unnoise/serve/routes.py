@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import dataclasses
 import json
 import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from unnoise.core.samplers import SAMPLERS
@@ -25,6 +24,7 @@ from unnoise.serve.jobs import Job, job_view
 from unnoise.serve.schemas import (
     A1111_FIELDS,
     OPENAI_FIELDS,
+    ROW_LIMIT,
     A1111Txt2ImgRequest,
     JobRequest,
     OpenAIImageRequest,
@@ -41,17 +41,14 @@ KEEP_ALIVE_S = 15.0
 
 
 def _spec(request: Request, values: dict[str, Any], fields: dict[str, str]) -> GenerationSpec:
-    """Validate against the loaded model (503 while it loads), then the VRAM budget, then the prompt filters."""
+    """Validate against the loaded model (503 while it loads), then the VRAM budget, then the prompt filter."""
     engine: Engine = request.app.state.engine
     engine.require_ready()
     spec = build_spec(values, fields, request.app.state.config, engine.pipe, engine.planner)
-    for content_filter in engine.filters:
-        reason = content_filter.check_prompt(spec.prompt, spec.negative_prompt)
-        if reason is not None:
-            engine.metrics.filter_blocks.inc(stage="prompt")
-            LOG.warning("prompt blocked (%s): %r", reason, spec.prompt[:200])
-            raise ApiError(400, f"the prompt was refused by the content filter: {reason}", param=fields["prompt"],
-                           code="content_policy_violation")  # fmt: skip
+    reason = engine.refusal(spec.prompt)  # the negative prompt is not judged: it names what to avoid
+    if reason is not None:
+        raise ApiError(400, f"the prompt was refused by the content filter: {reason}", param=fields["prompt"],
+                       code="content_policy_violation")  # fmt: skip
     return spec
 
 
@@ -122,7 +119,7 @@ async def txt2img(body: A1111Txt2ImgRequest, request: Request) -> JSONResponse:
     first = _spec(request, a1111_values(body), A1111_FIELDS)
     if first.seed + body.n_iter * first.n > SEED_LIMIT:
         raise invalid("seed", first.seed, "expected seed + n_iter * batch_size <= 2**63")
-    specs = [dataclasses.replace(first, seed=first.seed + k * first.n) for k in range(body.n_iter)]
+    specs = [first.reseeded(first.seed + k * first.n) for k in range(body.n_iter)]
     jobs = request.app.state.engine.submit(specs, "a1111")
     await _wait(request, jobs)
     _raise_failed(jobs)
@@ -179,7 +176,7 @@ async def create_job(body: JobRequest, request: Request) -> JSONResponse:
 async def list_jobs(
     request: Request,
     limit: int = Query(20, ge=1, le=100),
-    offset: int = Query(0, ge=0),
+    offset: int = Query(0, ge=0, le=ROW_LIMIT),
     status: str | None = Query(None),
 ) -> dict[str, Any]:
     """Job history, newest first, with paging."""
@@ -266,7 +263,7 @@ def _sse(event: str, data: dict[str, Any]) -> str:
 
 
 @router.get("/v1/images/{job_id}/{index}.png")
-async def image(job_id: str, index: int, request: Request) -> Response:
+async def image(job_id: str, request: Request, index: int = Path(ge=0, le=ROW_LIMIT)) -> Response:
     """A generated image: PNG with its ``parameters`` text chunk."""
     png = request.app.state.store.image(job_id, index)
     if png is None:

@@ -45,7 +45,10 @@ class DrainingServer(uvicorn.Server):
     async def on_tick(self, counter: int) -> bool:
         engine = getattr(self.app.state, "engine", None)
         if engine is not None and engine.load_error and not self.should_exit:
-            print(f"unnoise serve: the model did not load: {engine.load_error}", file=sys.stderr)
+            if engine.model_unusable:  # as the other commands report a model they cannot load
+                print(f"unnoise serve: error: argument --model: {engine.load_error.split(': ', 1)[1]}", file=sys.stderr)
+            else:
+                print(f"unnoise serve: the model did not load: {engine.load_error}", file=sys.stderr)
             self.should_exit = True
         if self.drain_deadline is not None and not self.should_exit:
             if engine.idle() or time.monotonic() > self.drain_deadline:
@@ -54,22 +57,12 @@ class DrainingServer(uvicorn.Server):
         return await super().on_tick(counter)
 
 
-def safety_filters(config: ServeConfig) -> list:
-    """The safety checker as the engine's content filter (prompt and image filter, watermark, provenance), unless
-    ``config.safety`` is off."""
-    if not config.safety:
-        return []
-    from unnoise.safety import SafetyChecker, SafetyConfig
-
-    checker = SafetyChecker.from_config(SafetyConfig(clip_model=config.safety_clip))
-    return [checker.as_content_filter()]
-
-
 def serve(config: ServeConfig, *, log_level: str = "info") -> None:
-    """Serve ``config`` until SIGTERM or Ctrl-C; returns after the drain. Exits with 1 if the model fails to load."""
-    app = create_app(config, filters=safety_filters(config))
+    """Serve ``config`` until SIGTERM or Ctrl-C; returns after the drain. Exits with 2 if the model's files cannot be
+    loaded (one line naming the file), with 1 if loading fails otherwise."""
+    app = create_app(config)
     uv_config = uvicorn.Config(app, host=config.host, port=config.port, log_level=log_level,
                                timeout_graceful_shutdown=5, lifespan="on")  # fmt: skip
     DrainingServer(uv_config, app, config.drain_timeout_s).run()
     if app.state.engine.load_error:
-        raise SystemExit(1)
+        raise SystemExit(2 if app.state.engine.model_unusable else 1)

@@ -1,26 +1,24 @@
-"""A request's settings, checked against the server's limits and the model: ``GenerationSpec`` or an ``ApiError``.
+"""A request's settings, checked against the server's limits, then by the pipeline: ``GenerationSpec`` or an
+``ApiError``.
 
 Every API (OpenAI, AUTOMATIC1111, jobs) turns its body into the same keyword arguments and calls ``build_spec``
 with the names its clients know (``n`` / ``batch_size``, ``guidance_scale`` / ``cfg_scale``), so a bad value gets
-a 422 that names the field as the client sent it. The pipeline's own check (``resolve_request``) runs last, so
-nothing the pipeline would reject gets into the queue.
+a 422 that names the field as the client sent it. The server checks only its own limits (prompt length, batch,
+steps, pixels, guidance range), then runs the pipeline's ``resolve_request`` once (the engine later hands the
+resolved request to ``Pipeline.generate``), then the model's declared sizes (400) and the VRAM budget (413).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
-import math
-import secrets
 from typing import Any
 
-from unnoise.core.samplers import SAMPLERS
-from unnoise.core.schedules import SPACINGS
-from unnoise.pipeline.inputs import resolve_request
+from unnoise.checks import is_int, is_number
+from unnoise.pipeline import Request, ResolvedRequest, resolve_request
 from unnoise.serve.config import ServeConfig
 from unnoise.serve.vram import GIB, VramPlanner
 
-SEED_LIMIT = 2**63  # the pipeline's: seeds seed .. seed + n - 1 must lie below it
+SEED_LIMIT = 2**63  # the pipeline's: seeds seed .. seed + n - 1 lie below it
 
 
 class ApiError(Exception):
@@ -47,7 +45,10 @@ def invalid(param: str, value: Any, allowed: str) -> ApiError:
 
 @dataclasses.dataclass(frozen=True)
 class GenerationSpec:
-    """One request's validated settings: ``n`` images with seeds ``seed .. seed + n - 1``."""
+    """One request's validated settings, as stored: ``n`` images with seeds ``seed .. seed + n - 1``.
+
+    ``resolved`` is the pipeline's resolved request that the engine generates (not stored; None when read back).
+    """
 
     prompt: str
     negative_prompt: str | None
@@ -59,22 +60,35 @@ class GenerationSpec:
     spacing: str
     guidance_scale: float
     seed: int
+    resolved: ResolvedRequest | None = dataclasses.field(default=None, compare=False, repr=False)
+
+    @classmethod
+    def of(cls, req: ResolvedRequest) -> GenerationSpec:
+        return cls(req.prompt, req.negative_prompt, req.num_images, req.width, req.height, req.steps, req.sampler,
+                   req.spacing, req.guidance_scale, req.seed, req)  # fmt: skip
 
     @property
     def batch_key(self) -> tuple[Any, ...]:
-        """Requests with equal keys share one sampler run: same grid, same latent shape, same guidance."""
-        return self.width, self.height, self.steps, self.sampler, self.spacing, self.guidance_scale
+        """Requests with equal keys share one sampler pass (the pipeline's rule)."""
+        if self.resolved is None:
+            raise ValueError("a GenerationSpec read back from the store has no resolved request to batch")
+        return self.resolved.batch_key
 
-    def call_arguments(self) -> dict[str, Any]:
-        """The keyword arguments of ``Pipeline.__call__`` that generate this request alone."""
-        return dict(
-            prompt=self.prompt, negative_prompt=self.negative_prompt, num_images=self.n, steps=self.steps,
+    def reseeded(self, seed: int) -> GenerationSpec:
+        """The same request with its first seed moved to ``seed`` (range-checked by the caller)."""
+        resolved = dataclasses.replace(self.resolved, seed=seed) if self.resolved is not None else None
+        return dataclasses.replace(self, seed=seed, resolved=resolved)
+
+    def request(self) -> Request:
+        """The pipeline request that generates this request alone."""
+        return Request(
+            self.prompt, negative_prompt=self.negative_prompt, num_images=self.n, steps=self.steps,
             sampler=self.sampler, spacing=self.spacing, guidance_scale=self.guidance_scale, seed=self.seed,
             width=self.width, height=self.height,
         )  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "resolved"}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GenerationSpec:
@@ -88,34 +102,34 @@ FIELDS_NATIVE = {k: k for k in ("prompt", "negative_prompt", "n", "width", "heig
 
 def build_spec(values: dict[str, Any], fields: dict[str, str], limits: ServeConfig, pipe: Any,
                planner: VramPlanner | None = None) -> GenerationSpec:  # fmt: skip
-    """Check ``values`` (our keywords; None: the model's default) and fill the model's defaults."""
+    """The server's limits on ``values`` (our keywords; None: the model's default), then the pipeline's check."""
 
     def name(key: str) -> str:
         return fields.get(key, key)
 
-    defaults = pipe.config.sampling
     prompt = _text(name("prompt"), values.get("prompt"), limits.max_prompt_chars, required=True)
     negative = _text(name("negative_prompt"), values.get("negative_prompt"), limits.max_prompt_chars) or None
     n = _integer(name("n"), values.get("n", 1), 1, limits.max_batch, "the server's --max-batch")
-    width, height = _size(fields, values, limits, pipe)
-    max_steps = min(limits.max_steps, pipe.num_train_timesteps)
-    steps = _integer(name("steps"), _or(values.get("steps"), defaults.steps), 1, max_steps, "the server's limit")
-    sampler = _or(values.get("sampler"), defaults.sampler)
-    if sampler not in SAMPLERS:
-        raise invalid(name("sampler"), sampler, f"allowed: {', '.join(SAMPLERS)}")
-    spacing = _or(values.get("spacing"), defaults.spacing)
-    if spacing not in SPACINGS:
-        raise invalid(name("spacing"), spacing, f"allowed: {', '.join(SPACINGS)}")
-    scale = _or(values.get("guidance_scale"), defaults.guidance_scale)
+    if values.get("steps") is not None:
+        _integer(name("steps"), values["steps"], 1, limits.max_steps, "the server's --max-steps")
+    scale = values.get("guidance_scale")
     lo, hi = limits.guidance_range
-    if not _is_number(scale) or not lo <= scale <= hi:
+    if scale is not None and (not is_number(scale) or not lo <= scale <= hi):
         raise invalid(name("guidance_scale"), scale, f"expected a number from {lo:g} to {hi:g}")
-    seed = values.get("seed")
-    seed = secrets.randbelow(2**32) if seed is None else seed
-    if not _is_int(seed) or not 0 <= seed <= SEED_LIMIT - n:
-        raise invalid(name("seed"), seed, "expected an integer from 0 to 2**63 - n, or none for a random one")
-    spec = GenerationSpec(prompt, negative, n, width, height, steps, sampler, spacing, float(scale), seed)
-    _pipeline_check(spec, fields, pipe)
+    width, height = _size(fields, values, limits, pipe)
+    request = Request(
+        prompt, negative_prompt=negative, num_images=n, steps=values.get("steps"), sampler=values.get("sampler"),
+        guidance_scale=scale, seed=values.get("seed"), width=width, height=height, spacing=values.get("spacing"),
+    )  # fmt: skip
+    try:
+        resolved = resolve_request(pipe, request)
+    except ValueError as error:  # "name=value is not allowed; ..." re-labelled with the API's field
+        message = str(error)
+        key = message.split("=", 1)[0]
+        param = fields.get({"num_images": "n"}.get(key, key), key)
+        raise ApiError(422, f"{param}{message[len(key) :]}", param=param, code="invalid_value") from None
+    spec = GenerationSpec.of(resolved)
+    _declared_size(spec, fields, limits, pipe)
     if planner is not None:
         check_fits(spec, planner, fields)
     return spec
@@ -136,32 +150,30 @@ def check_fits(spec: GenerationSpec, planner: VramPlanner, fields: dict[str, str
     raise ApiError(413, message, param=fields.get("n", "n"), code="too_large_for_vram_budget")
 
 
-def _pipeline_check(spec: GenerationSpec, fields: dict[str, str], pipe: Any) -> None:
-    """The pipeline's validation of the same call; its "name=value" message is re-labelled with the API's field."""
-    defaults = {k: p.default for k, p in inspect.signature(type(pipe).__call__).parameters.items() if k != "self"}
-    try:
-        resolve_request(pipe, {**defaults, **spec.call_arguments()})
-    except ValueError as error:
-        message = str(error)
-        key = message.split("=", 1)[0]
-        param = fields.get({"num_images": "n"}.get(key, key), key)
-        raise ApiError(422, f"{param}{message[len(key) :]}", param=param, code="invalid_value") from None
-
-
 def _size(fields: dict[str, str], values: dict[str, Any], limits: ServeConfig, pipe: Any) -> tuple[int, int]:
-    factor = pipe.latent_factor
+    """(width, height), the model's own size when the request gives none, within the server's pixels."""
     width, height = (_or(values.get(k), d) for k, d in zip(("width", "height"), pipe.default_size, strict=True))
-    one_field = fields.get("width") == fields.get("height")  # OpenAI's "size": WIDTHxHEIGHT
-    for key, value in (("width", width), ("height", height)):
-        if not _is_int(value) or value < factor or value % factor:
-            shown = f"{width}x{height}" if one_field else value
-            allowed = f"width and height must be positive multiples of {factor} (this model's latent factor)"
-            raise invalid(fields.get(key, key), shown, allowed)
-    if width * height > limits.max_pixels:
-        shown = f"{width}x{height}" if one_field else width
+    if is_int(width) and is_int(height) and width * height > limits.max_pixels:  # else the pipeline says what is wrong
+        one_field = fields.get("width") == fields.get("height")  # OpenAI's "size": WIDTHxHEIGHT
         allowed = f"{width}x{height} is more than the server's {limits.max_pixels} pixels"
-        raise invalid(fields.get("width", "width"), shown, allowed)
+        key = "height" if height > width and values.get("height") is not None else "width"  # the larger side sent
+        value = f"{width}x{height}" if one_field else height if key == "height" else width
+        raise invalid(fields.get(key, key), value, allowed)
     return width, height
+
+
+def _declared_size(spec: GenerationSpec, fields: dict[str, str], limits: ServeConfig, pipe: Any) -> None:
+    """400 for a size the model does not declare (``pipeline.json`` "sizes"), unless the server allows any size."""
+    sizes = pipe.config.sizes
+    if sizes is None or limits.any_size or (spec.width, spec.height) in sizes:
+        return
+    param = fields.get("width", "width")
+    shown = f"{spec.width}x{spec.height}" if param == fields.get("height") else spec.width
+    listed = ", ".join(f"{w}x{h}" for w, h in sizes)
+    raise ApiError(
+        400, f"{param}={shown} is not allowed; this model supports {listed} (other sizes only on a server "
+        "started with --any-size)", param=param, code="unsupported_size",
+    )  # fmt: skip
 
 
 def _text(param: str, value: Any, limit: int, required: bool = False) -> str | None:
@@ -175,18 +187,10 @@ def _text(param: str, value: Any, limit: int, required: bool = False) -> str | N
 
 
 def _integer(param: str, value: Any, lo: int, hi: int, why: str) -> int:
-    if not _is_int(value) or not lo <= value <= hi:
+    if not is_int(value) or not lo <= value <= hi:
         raise invalid(param, value, f"expected an integer from {lo} to {hi} ({why})")
     return value
 
 
 def _or(value: Any, default: Any) -> Any:
     return default if value is None else value
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

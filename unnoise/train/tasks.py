@@ -44,14 +44,20 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 
 
 class Task:
-    """Networks to train (``modules``, the first is exported) and the loss of a micro-batch."""
+    """Networks to train (``modules``; ``"model"`` is exported, each gets its own AdamW) and their losses."""
 
     modules: dict[str, nn.Module]
     log_keys: tuple[str, ...] = ("loss",)
+    # the entries of ``loss()`` that the loop backpropagates (it logs them all); one a step lacks is skipped
+    backward_keys: tuple[str, ...] = ("loss",)
 
     def loss(self, nets: dict[str, nn.Module], indices: np.ndarray, part: slice, step: int) -> dict:
         """Summed losses of samples ``part`` of the step's global batch ``indices`` (data-set indices)."""
         raise NotImplementedError
+
+    def lr_scale(self, name: str) -> float:
+        """Module ``name``'s learning rate relative to the schedule's (``optim.lr`` at its peak)."""
+        return 1.0
 
     def samples(self, model: nn.Module) -> Image.Image:
         raise NotImplementedError
@@ -181,8 +187,13 @@ class DiffusionTask(Task):
         """A text-to-image pipeline folder (text + latents), else the U-Net alone in ``folder/unet``."""
         d = self.cfg.diffusion
         if d.conditioning == "text" and self.vae is not None:
+            side = self.cfg.data.size  # the size it was trained at: the server serves only that by default
             config = PipelineConfig(
-                text_encoder=d.text_encoder, prediction=d.prediction, schedule=d.schedule, sampling=d.sampling
+                text_encoder=d.text_encoder,
+                prediction=d.prediction,
+                schedule=d.schedule,
+                sampling=d.sampling,
+                sizes=((side, side),),
             )
             save_components(folder, Components(model, self.vae, self.text.encoder, config, None))
         else:
@@ -234,6 +245,12 @@ class AutoencoderTask(Task):
         if a.disc_weight > 0:
             self.modules["disc"] = PatchDiscriminator(dataset.channels, a.disc_channels, a.disc_layers)
         self.log_keys = ("loss", "kl", *(("disc_loss",) if a.disc_weight > 0 else ()))
+        self.backward_keys = ("loss", "disc_loss")  # disc_loss from step disc_start + 1 on
+
+    def lr_scale(self, name: str) -> float:
+        """The discriminator runs at ``autoencoder.disc_lr`` (default ``optim.lr``), on the same schedule."""
+        lr = self.cfg.optim.lr
+        return (self.cfg.autoencoder.disc_lr or lr) / lr if name == "disc" else 1.0
 
     def loss(self, nets: dict[str, nn.Module], indices: np.ndarray, part: slice, step: int) -> dict:
         a, device = self.cfg.autoencoder, self.world.device
