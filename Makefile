@@ -11,6 +11,8 @@ $(STAMP): pyproject.toml
 	# torch first and pinned: the CPU wheel on this disk; a looser range pulls a multi-GB CUDA build
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
+	# clean-fid's resizer is a test oracle; its package requires torchvision, which breaks this torch: no deps
+	$(PY) -m pip install -q --no-deps clean-fid==0.1.35
 	touch $(STAMP)
 
 venv: $(STAMP)
