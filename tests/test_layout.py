@@ -5,6 +5,7 @@ A package may import its own plane and the planes below it; the core math import
 """
 
 import ast
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -61,3 +62,12 @@ def test_the_check_catches_an_upward_import(tmp_path):
     bad.write_text("from unnoise.pipeline import Pipeline\nimport unnoise.serve.app\n")
     assert imported_planes(bad) == {"pipeline", "serve"}
     assert PLANES["pipeline"] > PLANES["core"]
+
+
+def test_what_make_demo_writes_is_not_tracked():
+    """`make demo` writes PNGs into outputs/ of the checkout: git must not offer them for a commit."""
+    root = PACKAGE.parent
+    if not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    ignored = subprocess.run(["git", "check-ignore", "-q", "outputs/00000-1.png"], cwd=root, check=False)
+    assert ignored.returncode == 0
