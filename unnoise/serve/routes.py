@@ -18,6 +18,7 @@ from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from unnoise.core.samplers import SAMPLERS
+from unnoise.pipeline.inputs import SEED_LIMIT
 from unnoise.pipeline.png import A1111_SAMPLERS
 from unnoise.serve.engine import Engine
 from unnoise.serve.jobs import Job, job_view
@@ -33,7 +34,7 @@ from unnoise.serve.schemas import (
     openai_values,
 )
 from unnoise.serve.store import STATUSES
-from unnoise.serve.validation import FIELDS_NATIVE, SEED_LIMIT, ApiError, GenerationSpec, build_spec, invalid
+from unnoise.serve.validation import FIELDS_NATIVE, ApiError, GenerationSpec, build_spec, invalid
 
 router = APIRouter()
 LOG = logging.getLogger("unnoise.serve")

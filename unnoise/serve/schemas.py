@@ -15,8 +15,9 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from unnoise.core.samplers import SAMPLERS
+from unnoise.pipeline.inputs import SEED_LIMIT
 from unnoise.pipeline.png import A1111_SAMPLERS, A1111_SCHEDULES
-from unnoise.serve.validation import FIELDS_NATIVE, SEED_LIMIT, invalid
+from unnoise.serve.validation import FIELDS_NATIVE, invalid
 
 # A job list's offset and an image's index: far past any count of jobs or images, under SQLite's 2**63 - 1, and the
 # largest integer that every JSON client reads exactly (RFC 7493), so that /openapi.json (floats) states it exactly.

@@ -18,8 +18,6 @@ from unnoise.pipeline import Request, ResolvedRequest, resolve_request
 from unnoise.serve.config import ServeConfig
 from unnoise.serve.vram import GIB, VramPlanner
 
-SEED_LIMIT = 2**63  # the pipeline's: seeds seed .. seed + n - 1 lie below it
-
 
 class ApiError(Exception):
     """An HTTP error with an OpenAI-style body ``{"error": {"message", "type", "param", "code"}}``."""
@@ -78,14 +76,6 @@ class GenerationSpec:
         """The same request with its first seed moved to ``seed`` (range-checked by the caller)."""
         resolved = dataclasses.replace(self.resolved, seed=seed) if self.resolved is not None else None
         return dataclasses.replace(self, seed=seed, resolved=resolved)
-
-    def request(self) -> Request:
-        """The pipeline request that generates this request alone."""
-        return Request(
-            self.prompt, negative_prompt=self.negative_prompt, num_images=self.n, steps=self.steps,
-            sampler=self.sampler, spacing=self.spacing, guidance_scale=self.guidance_scale, seed=self.seed,
-            width=self.width, height=self.height,
-        )  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "resolved"}
