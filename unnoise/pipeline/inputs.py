@@ -26,6 +26,8 @@ class Request:
 
     ``image`` makes it img2img (``strength`` of the grid is run), ``mask`` too makes it inpainting (white is
     repainted); ``latents`` is unit initial noise of shape (num_images, C, height/f, width/f), as diffusers' argument.
+    ``loras`` maps adapter names (loaded with ``Pipeline.load_lora`` or files of ``Pipeline.lora_dir``) to scales;
+    adapters it leaves out are off for this request.
     Images ``i`` get seed ``seed + i`` (random when None), so an image is the same alone and in any batch.
     """
 
@@ -46,6 +48,7 @@ class Request:
     strength: float = 0.8
     mask: ImageInput | None = None
     latents: Tensor | None = None
+    loras: dict[str, float] | None = None  # LoRA adapters by name and scale, exactly these; None: the pipeline's
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
@@ -72,6 +75,7 @@ class ResolvedRequest:
     image: Tensor | None  # (1, 3, H, W) in [-1, 1]
     mask: Tensor | None  # (1, 1, H, W), 1 = repaint, binarized at 0.5 as diffusers does
     latents: Tensor | None
+    loras: tuple[tuple[str, float], ...] = ()  # the adapters that run, by name, with their scales (none at 0)
 
     @property
     def batch_key(self) -> tuple[Any, ...]:
@@ -80,13 +84,13 @@ class ResolvedRequest:
         return (
             self.width, self.height, self.steps, self.sampler, self.spacing, self.guidance_scale,
             self.guidance_rescale, self.guidance_interval, img2img, self.mask is not None,
-            self.strength if img2img else None,
+            self.strength if img2img else None, self.loras,
         )  # fmt: skip
 
 
 # The names of the batch key's entries, for the message when requests cannot share a pass.
 BATCH_KEY_FIELDS = ("width", "height", "steps", "sampler", "spacing", "guidance_scale", "guidance_rescale",
-                    "guidance_interval", "image", "mask", "strength")  # fmt: skip
+                    "guidance_interval", "image", "mask", "strength", "loras")  # fmt: skip
 
 
 def _fail(name: str, value: Any, allowed: str) -> ValueError:
@@ -128,7 +132,24 @@ def resolve_request(pipe: Any, request: Request) -> ResolvedRequest:
     return ResolvedRequest(
         args["prompt"], args["negative_prompt"], n, steps, sampler, scale, float(rescale),
         _interval(args["guidance_interval"]), seed, width, height, spacing, float(strength), image, mask, latents,
+        _loras(pipe, args["loras"]),
     )  # fmt: skip
+
+
+def _loras(pipe: Any, loras: Any) -> tuple[tuple[str, float], ...]:
+    """The adapters that run, sorted by name, without those at scale 0: the request's, else the pipeline's."""
+    if loras is None:
+        return tuple(sorted((n, s) for n, s in pipe.loras.items() if s != 0))
+    if not isinstance(loras, dict):
+        raise _fail("loras", loras, "expected a mapping of LoRA names to scales, or None")
+    available = pipe.available_loras()
+    for name, scale in loras.items():
+        if name not in available:
+            listed = ", ".join(sorted(available)) or "none (load one with load_lora or set lora_dir)"
+            raise _fail("loras", loras, f"{name!r} is not a known LoRA; available: {listed}")
+        if not is_number(scale):
+            raise _fail(f"loras[{name!r}]", scale, "expected a finite number")
+    return tuple(sorted((n, float(s)) for n, s in loras.items() if s != 0))
 
 
 def _sampling(pipe: Any, args: dict[str, Any]) -> tuple[int, str, str, float]:

@@ -10,9 +10,10 @@ records each image's parameters and applies the safety stage. Loading is in ``lo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from unnoise.core.noise import randn_like
 from unnoise.core.samplers import sample
 from unnoise.core.schedules import VPSchedule
 from unnoise.files import file_sha256
+from unnoise.models import lora
 from unnoise.models.packing import prepare_for_inference
 from unnoise.models.text import MiniLMEncoder, TextEncoder
 from unnoise.pipeline.config import PipelineConfig, sampling_grid
@@ -122,6 +124,9 @@ class Pipeline:
         # ``generate``; the CLI and the server turn it on (``enable_safety``), the library leaves it to the caller.
         self.safety: SafetyChecker | None = None
         self._hash: str | None = None
+        self._loras: dict[str, lora.LoadedLoRA] = {}  # adapters by name, in loading order
+        self._lora_scales: dict[str, float] = {}
+        self.lora_dir: Path | None = None  # LoRA files a request may name without loading them first
         latent, c = vae.config.latent_channels, unet.config
         if c.in_channels not in (latent, 2 * latent + 1) or c.out_channels != latent:
             raise ValueError(
@@ -220,6 +225,130 @@ class Pipeline:
         self.safety = SafetyChecker.from_config(config, encoder=encoder)
         return self.safety
 
+    # -- LoRA -----------------------------------------------------------------------------------------------------
+
+    def _lora_networks(self) -> dict[str, nn.Module]:
+        return {"unet": self.unet, "text_encoder": self.text_encoder.lora_root()}
+
+    def load_lora(
+        self,
+        path: str | Path,
+        scale: float = 1.0,
+        name: str | None = None,
+        *,
+        strict: bool = True,
+        allow_pickle: bool = False,
+    ) -> str:
+        """Load a LoRA file (kohya/AUTOMATIC1111 or diffusers/PEFT format, detected from its keys) onto the U-Net and
+        the text encoder, un-fused, at ``scale``; returns its adapter name (``name``, else the file's stem).
+
+        Every key must update a layer of this model with a matching shape: otherwise a ValueError names the first
+        keys and their count (``strict=False`` loads the rest, with one ``LoRAWarning`` naming what was left out).
+        ``lora_info[name].layers`` says how many layers of each network received it. Pickled files (``.ckpt``,
+        ``.pt``) load only with ``allow_pickle=True``."""
+        name = lora.adapter_name(path, name, self._loras)
+        file = lora.read_lora(path, allow_pickle=allow_pickle)
+        adapter = lora.adapter_from_file(file, self._lora_networks(), strict=strict, source=str(path))
+        self.add_lora(adapter, name, scale, path=Path(path), format=file.format)
+        return name
+
+    def add_lora(
+        self, adapter: lora.LoRAAdapter, name: str, scale: float = 1.0, *, path: Path | None = None,
+        format: str = "kohya",
+    ) -> str:  # fmt: skip
+        """Attach an adapter built in memory (``LoRAAdapter``; a trainer's) under ``name`` at ``scale``."""
+        lora.adapter_name(name, name, self._loras)
+        if self.lora_fused:
+            raise ValueError(f"cannot add LoRA {name!r} while LoRAs are fused; call unfuse_lora() first")
+        networks = self._lora_networks()
+        for net in adapter.counts():
+            if net not in networks:
+                raise ValueError(f"LoRA {name!r} has layers for {net}, which this pipeline does not have")
+        for net in adapter.counts():
+            lora.attach(networks[net], adapter, name=name, net=net, scale=scale)
+        digest = lora.lora_hash(path) if path is not None else None
+        self._loras[name] = lora.LoadedLoRA(name, path, format, digest, adapter.counts())
+        self._lora_scales[name] = float(scale)
+        return name
+
+    @property
+    def loras(self) -> dict[str, float]:
+        """The loaded adapters and their scales, in loading order."""
+        return dict(self._lora_scales)
+
+    @property
+    def lora_info(self) -> dict[str, lora.LoadedLoRA]:
+        """What each loaded adapter is: file, format, AUTOMATIC1111 hash, layers per network."""
+        return dict(self._loras)
+
+    @property
+    def lora_fused(self) -> bool:
+        return any(lora.is_fused(network) for network in self._lora_networks().values())
+
+    def available_loras(self) -> dict[str, Path | None]:
+        """Adapter names a request may use: those loaded, and the ``.safetensors`` files of ``lora_dir`` by stem."""
+        found: dict[str, Path | None] = {}
+        if self.lora_dir is not None:
+            found |= {p.stem: p for p in sorted(Path(self.lora_dir).glob("*.safetensors")) if p.is_file()}
+        return found | {name: info.path for name, info in self._loras.items()}
+
+    def set_lora_scales(self, scales: dict[str, float]) -> None:
+        """Set the scales of the named adapters (0 switches one off); the others keep theirs."""
+        for name in scales:
+            if name not in self._loras:
+                raise ValueError(f"LoRA name={name!r} is not loaded; loaded: {sorted(self._loras) or 'none'}")
+        for network in self._lora_networks().values():
+            mine = {n: s for n, s in scales.items() if n in lora.loaded(network)}
+            if mine:
+                lora.set_scales(network, mine)
+        self._lora_scales.update({n: float(s) for n, s in scales.items()})
+
+    def unload_lora(self, name: str | None = None) -> list[str]:
+        """Remove adapter ``name`` (all with None), unfusing first; the base model is back bit for bit."""
+        if name is not None and name not in self._loras:
+            raise ValueError(f"LoRA name={name!r} is not loaded; loaded: {sorted(self._loras) or 'none'}")
+        names = [name] if name is not None else list(self._loras)
+        self.unfuse_lora()
+        for network in self._lora_networks().values():
+            for n in names:
+                if n in lora.loaded(network):
+                    lora.detach(network, n)
+        for n in names:
+            del self._loras[n], self._lora_scales[n]
+        return names
+
+    def fuse_lora(self) -> int:
+        """Add every adapter's update at its scale into the base weights: generation costs what the base model
+        costs; ``unfuse_lora`` restores the base weights bit for bit. Returns the number of layers changed."""
+        return sum(lora.fuse(network) for network in self._lora_networks().values())
+
+    def unfuse_lora(self) -> int:
+        return sum(lora.unfuse(network) for network in self._lora_networks().values())
+
+    @contextlib.contextmanager
+    def _adapters(self, wanted: tuple[tuple[str, float], ...]) -> Iterator[None]:
+        """Run the block with exactly the adapters ``wanted`` at their scales (loading those of ``lora_dir`` on
+        first use, at scale 0 outside requests that name them)."""
+        available = self.available_loras()
+        for name, _ in wanted:
+            if name not in self._loras:
+                if available.get(name) is None:
+                    raise ValueError(f"loras: {name!r} is not a known LoRA; available: {sorted(available)}")
+                self.load_lora(available[name], 0.0, name)
+        scales = dict(wanted)
+        if self.lora_fused:
+            active = {n: s for n, s in self._lora_scales.items() if s != 0}
+            if active != scales:
+                raise ValueError(f"loras={scales} differ from the fused adapters {active}; call unfuse_lora() first")
+            yield
+            return
+        with contextlib.ExitStack() as stack:
+            for network in self._lora_networks().values():
+                here = lora.loaded(network)
+                if here:
+                    stack.enter_context(lora.scales_applied(network, {n: s for n, s in scales.items() if n in here}))
+            yield
+
     # -- generation -----------------------------------------------------------------------------------------------
 
     def __call__(self, prompt: str, *, callback: StepCallback | None = None, **settings: Any) -> list[Image.Image]:
@@ -259,15 +388,16 @@ class Pipeline:
         starts = [self._start(req, sigmas, vp.prior_std(sigmas[0].item())) for req in reqs]
         x = torch.cat([start.x for start in starts])
         generators = [g for start in starts for g in start.generators]
-        cond, uncond = self._conditioning(reqs, starts)
-        space = "v" if self.config.prediction == "v_prediction" else "epsilon"
-        denoiser: Callable[..., Tensor] = CFGDenoiser(
-            vp, first.guidance_scale, uncond, first.guidance_rescale, first.guidance_interval, rescale_space=space
-        )
-        if starts[0].known is not None:
-            mask, z0 = (torch.cat(parts) for parts in zip(*(start.known for start in starts), strict=True))
-            denoiser = KnownRegion(denoiser, mask, z0)
-        x = self._sample(denoiser, x, sigmas, first.sampler, generators, callback, cond)
+        with self._adapters(first.loras):
+            cond, uncond = self._conditioning(reqs, starts)
+            space = "v" if self.config.prediction == "v_prediction" else "epsilon"
+            denoiser: Callable[..., Tensor] = CFGDenoiser(
+                vp, first.guidance_scale, uncond, first.guidance_rescale, first.guidance_interval, rescale_space=space
+            )
+            if starts[0].known is not None:
+                mask, z0 = (torch.cat(parts) for parts in zip(*(start.known for start in starts), strict=True))
+                denoiser = KnownRegion(denoiser, mask, z0)
+            x = self._sample(denoiser, x, sigmas, first.sampler, generators, callback, cond)
         images = self.decode(x)
         out, begin = [], 0
         for req in reqs:
@@ -393,5 +523,7 @@ class Pipeline:
             batch_size=req.num_images if req.num_images > 1 else None,
             batch_pos=i if req.num_images > 1 else None,
             extra={"Initial noise": "given latents"} if req.latents is not None else None,
+            loras=dict(req.loras),
+            lora_hashes={n: self._loras[n].hash for n, _ in req.loras if self._loras[n].hash is not None},
         )
         return format_parameters(params)

@@ -43,14 +43,36 @@ _FIELDS: list[tuple[str, str, Any]] = [
     ("spacing", "Spacing", str),
     ("batch_size", "Batch size", int),
     ("batch_pos", "Batch pos", int),
+    ("lora_hashes", "Lora hashes", lambda v: _parse_lora_hashes(v)),
 ]
 # The parsed keys that are keyword arguments of Pipeline.__call__ (with the image's own seed).
 CALL_KEYS = ("prompt", "negative_prompt", "steps", "sampler", "guidance_scale", "seed", "width", "height", "spacing")
-CALL_KEYS += ("guidance_rescale", "guidance_interval", "strength")
+CALL_KEYS += ("guidance_rescale", "guidance_interval", "strength", "loras")
 _SAMPLERS_BACK = {v: k for k, v in A1111_SAMPLERS.items()}
 _BY_LABEL = {label: (key, parse) for key, label, parse in _FIELDS}
 # AUTOMATIC1111's pattern for one "Key: value" pair of the last line (modules/infotext_utils.py).
 _PAIR = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+# AUTOMATIC1111's LoRA tag in a prompt, ``<lora:name:weight>``; the adapters of an image are written this way.
+LORA_TAG = re.compile(r"\s*<lora:([^:<>]+):([^:<>]+)>")
+
+
+def _parse_lora_hashes(text: str) -> dict[str, str]:
+    """``"name: hash, name: hash"`` (AUTOMATIC1111's "Lora hashes") as a dict."""
+    pairs = [part.split(":", 1) for part in text.split(",") if part.strip()]
+    if any(len(pair) != 2 for pair in pairs):
+        raise ValueError("expected 'name: hash' pairs separated by ','")
+    return {name.strip(): value.strip() for name, value in pairs}
+
+
+def lora_prompt_tags(prompt: str) -> tuple[str, dict[str, float]]:
+    """The prompt without its ``<lora:name:weight>`` tags, and the tags' weights by name."""
+    loras: dict[str, float] = {}
+    for name, weight in LORA_TAG.findall(prompt):
+        try:
+            loras[name] = float(weight)
+        except ValueError:
+            raise ValueError(f"LoRA tag <lora:{name}:{weight}> has a weight that is not a number") from None
+    return LORA_TAG.sub("", prompt), loras
 
 
 def _quote(value: object) -> str:
@@ -78,20 +100,29 @@ def format_parameters(params: dict[str, Any]) -> str:
         values["schedule_type"] = A1111_SCHEDULES[values["spacing"]]
     if values.get("guidance_interval") is not None:
         values["guidance_interval"] = json.dumps([float(v) for v in values["guidance_interval"]])
+    loras = values.get("loras") or {}  # name -> scale, written as AUTOMATIC1111 does: prompt tags and their hashes
+    hashes = values.get("lora_hashes") or {}
+    values["lora_hashes"] = ", ".join(f"{name}: {h}" for name, h in hashes.items()) if hashes else None
     pairs = [f"{label}: {_quote(values[key])}" for key, label, _ in _FIELDS if values.get(key) is not None]
     pairs += [f"{label}: {_quote(value)}" for label, value in (values.get("extra") or {}).items()]
-    lines = [values.get("prompt") or ""]
+    tags = "".join(f" <lora:{name}:{_number(scale)}>" for name, scale in loras.items())
+    lines = [(values.get("prompt") or "") + tags]
     if values.get("negative_prompt"):
         lines.append(f"Negative prompt: {values['negative_prompt']}")
     lines.append(", ".join(pairs))
     return "\n".join(lines)
 
 
+def _number(value: float) -> str:
+    return f"{value:g}" if float(value) == float(f"{value:g}") else repr(float(value))
+
+
 def parse_parameters(text: str) -> dict[str, Any]:
     """Read AUTOMATIC1111-format parameters: prompt, negative_prompt, steps, sampler (our name), guidance_scale, ...
 
     Known labels become ``Pipeline.__call__`` keyword arguments (``width``/``height`` from ``Size``, ``spacing``
-    from ``Spacing`` or else ``Schedule type``); ``model_hash`` and ``model`` describe the weights, ``batch_size``
+    from ``Spacing`` or else ``Schedule type``, ``loras`` from the prompt's ``<lora:name:weight>`` tags, which are
+    removed from ``prompt``); ``model_hash``, ``model`` and ``lora_hashes`` describe the weights, ``batch_size``
     and ``batch_pos`` the batch the image was made in (``call_arguments`` turns all this into a call); labels we
     do not know are kept, as text, in ``extra``.
     """
@@ -106,10 +137,13 @@ def parse_parameters(text: str) -> dict[str, Any]:
         if line.startswith("Negative prompt:"):
             in_negative, line = True, line[len("Negative prompt:") :].strip()
         (negative if in_negative else prompt).append(line)
+    text_prompt, loras = lora_prompt_tags("\n".join(prompt))
     result: dict[str, Any] = {
-        "prompt": "\n".join(prompt),
+        "prompt": text_prompt,
         "negative_prompt": "\n".join(negative) if in_negative else None,
     }
+    if loras:
+        result["loras"] = loras
     extra: dict[str, str] = {}
     for label, raw in _PAIR.findall(last):
         label, value = label.strip(), _unquote(raw.strip())
