@@ -28,6 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from unnoise.models.lora import lora_disabled
 from unnoise.models.text import PromptTruncatedWarning, TextEmbedding
 
 BENIGN = "benign"
@@ -151,9 +152,12 @@ class SemanticScorer:
 
 
 def embed(encoder: SentenceEncoder, texts: Sequence[str]) -> Tensor:
-    """Unit-norm float32 embeddings ``(N, D)``, in batches; a window longer than the encoder keeps its start."""
+    """Unit-norm float32 embeddings ``(N, D)``, in batches; a window longer than the encoder keeps its start.
+
+    LoRA adapters on a shared encoder (the pipeline's) are off here: the probe was fitted on the base encoder's
+    embeddings. ``lora_disabled`` acts on this thread only, so a generation elsewhere keeps its adapters."""
     chunks = []
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), lora_disabled():
         warnings.simplefilter("ignore", PromptTruncatedWarning)  # windows overlap: the tail is in the next one
         for i in range(0, len(texts), ENCODE_BATCH):
             chunks.append(encoder.encode(list(texts[i : i + ENCODE_BATCH])).pooled.float().cpu())
