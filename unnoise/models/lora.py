@@ -15,13 +15,14 @@ The pieces:
 - ``attach`` / ``detach`` / ``set_scales`` / ``fuse`` / ``unfuse`` on a network (``UNet``, a text encoder's
   transformers model): the network keeps its adapters by name, each with its own scale, and never registers their
   tensors as its own (its ``state_dict`` stays the base model's).
-- ``lora_disabled()``: a context in which the hooks add nothing on the current thread (the safety filter encodes
-  prompts with the base text encoder while another thread generates with a LoRA).
+- ``lora_disabled()``: a context in which the networks run without their adapters on the current thread (the safety
+  filter encodes prompts with the base text encoder while another thread generates with a LoRA): un-fused the hooks
+  add nothing, fused they subtract what fusing added (the base output up to float rounding).
 
 Kohya files name a module by its dotted path with every dot replaced by ``_`` (``down_blocks.0.attentions.0`` ->
 ``down_blocks_0_attentions_0``); the path is found by building that flat name for every layer of the network.
 Text encoders saved from transformers before 5.x carry a ``text_model`` level that 5.x's CLIP no longer has; both
-spellings match.
+spellings match, and ``save_lora`` writes CLIP's layers with it (what AUTOMATIC1111 and kohya read).
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ PEFT_METADATA_KEY = "lora_adapter_metadata"  # where diffusers' save_lora_weight
 # Which layers a new adapter targets, by the last part of their path (``LoRAAdapter.create``).
 ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 SHOWN = 5  # keys named in an error
+_CLIP_LAYERS = "encoder.layers."  # a CLIP text encoder's layers in transformers >= 5 (BERT's are encoder.layer.)
 
 _DISABLED: contextvars.ContextVar[bool] = contextvars.ContextVar("lora_disabled", default=False)
 
@@ -107,7 +109,7 @@ def read_lora(path: str | Path, *, allow_pickle: bool = False, network: str = "u
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"LoRA file {path} does not exist" if not path.exists() else f"{path} is not a file")
-    if path.suffix != ".safetensors":
+    if path.suffix.lower() != ".safetensors":
         if not allow_pickle:
             raise ValueError(
                 f"LoRA file {path} is not .safetensors: a pickle can run arbitrary code when loaded; convert it to "
@@ -152,6 +154,7 @@ def parse_lora(
 
 def _parse_kohya(state: Mapping[str, Tensor], metadata: dict[str, str]) -> LoRAFile:
     parts: dict[tuple[str, str], dict[str, Tensor]] = {}
+    named: dict[tuple[str, str], tuple[str, float | None]] = {}  # the key stem as the file spells it; alpha: its own
     unknown = []
     for key, value in state.items():
         prefix = next((p for p in KOHYA_PREFIXES if key.startswith(p)), None)
@@ -159,16 +162,15 @@ def _parse_kohya(state: Mapping[str, Tensor], metadata: dict[str, str]) -> LoRAF
         if prefix is None or suffix not in KOHYA_SUFFIXES:
             unknown.append(key)
             continue
-        parts.setdefault((KOHYA_PREFIXES[prefix], name.removeprefix(prefix)), {})[KOHYA_SUFFIXES[suffix]] = value
+        layer = (KOHYA_PREFIXES[prefix], name.removeprefix(prefix))
+        parts.setdefault(layer, {})[KOHYA_SUFFIXES[suffix]] = value
+        named[layer] = (name, None)
     if unknown:
         raise ValueError(
             f"{_some(sorted(unknown))} are not kohya LoRA keys (lora_unet_/lora_te_/lora_te1_/lora_te2_<module> with "
             ".lora_down.weight, .lora_up.weight or .alpha; LoHa, LoKr, DoRA and other LyCORIS types are not supported)"
         )
-    networks: dict[str, dict[str, LoRAWeights]] = {}
-    for (net, name), tensors in sorted(parts.items()):
-        networks.setdefault(net, {})[name] = _weights(name, tensors, None)
-    return LoRAFile("kohya", networks, metadata)
+    return LoRAFile("kohya", _pairs(parts, named), metadata)
 
 
 def _parse_peft(state: Mapping[str, Tensor], metadata: dict[str, str], default_network: str) -> LoRAFile:
@@ -192,13 +194,9 @@ def _parse_peft(state: Mapping[str, Tensor], metadata: dict[str, str], default_n
             f"{_some(sorted(unknown))} are not diffusers/PEFT LoRA keys (<module>.lora_A.weight, .lora_B.weight, "
             "optionally .alpha; lora_B biases and DoRA magnitudes are not supported)"
         )
-    networks: dict[str, dict[str, LoRAWeights]] = {}
-    rslora = {}
-    for (net, path), tensors in sorted(parts.items()):
-        alpha = _peft_alpha(config, net, path)
-        networks.setdefault(net, {})[path] = _weights(f"{net}.{path}", tensors, alpha)
-        rslora[net] = bool(config.get(f"{net}.use_rslora", False))
-    return LoRAFile("diffusers", networks, metadata, rslora)
+    named = {(net, path): (f"{net}.{path}", _peft_alpha(config, net, path)) for net, path in parts}
+    rslora = {net: bool(config.get(f"{net}.use_rslora", False)) for net, _ in parts}
+    return LoRAFile("diffusers", _pairs(parts, named), metadata, rslora)
 
 
 def _peft_metadata(metadata: dict[str, str]) -> dict[str, Any]:
@@ -225,18 +223,48 @@ def _peft_alpha(config: dict[str, Any], net: str, path: str) -> float | None:
     return float(alpha) if alpha is not None else None
 
 
-def _weights(name: str, tensors: dict[str, Tensor], alpha: float | None) -> LoRAWeights:
+def _pairs(
+    parts: dict[tuple[str, str], dict[str, Tensor]], named: dict[tuple[str, str], tuple[str, float | None]]
+) -> dict[str, dict[str, LoRAWeights]]:
+    """Each layer's tensors as ``LoRAWeights`` by network and name; every incomplete or malformed layer is named (the
+    first few, and their count) in one ValueError. ``named`` gives each layer's name in the file and its alpha."""
+    networks: dict[str, dict[str, LoRAWeights]] = {}
+    problems = []
+    for (net, name), tensors in sorted(parts.items()):
+        shown, alpha = named[(net, name)]
+        problem = _pair_problem(shown, tensors)
+        if problem:
+            problems.append(problem)
+            continue
+        networks.setdefault(net, {})[name] = _weights(tensors, alpha)
+    if problems:
+        more = f"; and {len(problems) - SHOWN} more" if len(problems) > SHOWN else ""
+        raise ValueError(
+            f"{len(problems)} layers are not a LoRA pair (down: rank x in[ x kh x kw], up: out x rank[ x 1 x 1], "
+            f"both needed): {'; '.join(problems[:SHOWN])}{more}"
+        )
+    return networks
+
+
+def _pair_problem(name: str, tensors: dict[str, Tensor]) -> str | None:
+    """Why a layer's tensors are not a low-rank pair (None if they are)."""
     missing = [part for part in ("down", "up") if part not in tensors]
     if missing:
-        raise ValueError(f"layer {name!r} has no {' and no '.join(missing)} weight (a LoRA layer needs both)")
+        return f"layer {name!r} has no {' and no '.join(missing)} weight"
     down, up = tensors["down"], tensors["up"]
     if down.ndim not in (2, 4) or up.ndim != down.ndim or up.shape[1] != down.shape[0]:
-        raise ValueError(
-            f"layer {name!r}: down {tuple(down.shape)} and up {tuple(up.shape)} are not a low-rank pair "
-            "(down: rank x in[ x kh x kw], up: out x rank[ x 1 x 1])"
-        )
+        return f"layer {name!r}: down {tuple(down.shape)} and up {tuple(up.shape)} are not a low-rank pair"
     if up.ndim == 4 and up.shape[2:] != (1, 1):
-        raise ValueError(f"layer {name!r}: up {tuple(up.shape)} must be a 1x1 kernel")
+        return f"layer {name!r}: up {tuple(up.shape)} must be a 1x1 kernel"
+    alpha = tensors.get("alpha")
+    if alpha is not None and (alpha.numel() != 1 or not math.isfinite(alpha.float().item())):
+        shown = alpha.tolist() if alpha.numel() < SHOWN else f"of shape {tuple(alpha.shape)}"
+        return f"layer {name!r}: alpha {shown} is not one finite number"
+    return None
+
+
+def _weights(tensors: dict[str, Tensor], alpha: float | None) -> LoRAWeights:
+    down, up = tensors["down"], tensors["up"]
     if "alpha" in tensors:
         alpha = float(tensors["alpha"].float().item())
     return LoRAWeights(down, up, down.shape[0] if alpha is None else alpha)
@@ -251,7 +279,7 @@ def lora_hash(path: str | Path) -> str:
     path = Path(path)
     digest = hashlib.sha256()
     with open(path, "rb") as f:
-        if path.suffix == ".safetensors":
+        if path.suffix.lower() == ".safetensors":
             header = int.from_bytes(f.read(8), "little")
             metadata = json.loads(f.read(header) or b"{}").get("__metadata__") or {}
             if metadata.get("sshs_model_hash"):
@@ -413,6 +441,8 @@ def kohya_name(network: str, path: str) -> str:
 
 def _layer_for(target: nn.Module, down: Tensor, up: Tensor, alpha: float, **kwargs: Any) -> LoRALayer:
     if isinstance(target, nn.Conv2d) and not _is_token_conv(target):
+        if down.ndim == 2:  # a linear-shaped pair on a 1x1 convolution (``_check_shape`` allows it): as 1x1 kernels
+            down, up = down[:, :, None, None], up[:, :, None, None]
         return LoRALayer(down, up, alpha, kind="conv", stride=target.stride, padding=target.padding, **kwargs)
     return LoRALayer(down, up, alpha, kind="linear", **kwargs)
 
@@ -561,8 +591,12 @@ def attach(network: nn.Module, adapter: LoRAAdapter, *, name: str, net: str = "u
 
 def _hook(registry: _Registry, net: str, path: str):
     def add_updates(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
-        if registry.saved is not None or _DISABLED.get():
+        # un-fused: add the updates (nothing inside ``lora_disabled``); fused, the weights hold them: nothing, and
+        # inside ``lora_disabled`` subtract them again (the base output up to float rounding)
+        fused = registry.saved is not None
+        if fused != _DISABLED.get():
             return output
+        sign = -1.0 if fused else 1.0
         x = args[0]
         key = kohya_name(net, path)
         for attached in registry.adapters.values():
@@ -573,9 +607,9 @@ def _hook(registry: _Registry, net: str, path: str):
                 layer.to(x.device)
             delta = layer(x)
             if torch.is_grad_enabled():
-                output = output + attached.scale * delta
+                output = output + sign * attached.scale * delta
             else:
-                output = output.add_(delta, alpha=attached.scale)
+                output = output.add_(delta, alpha=sign * attached.scale)
         return output
 
     return add_updates
@@ -634,6 +668,8 @@ def set_scales(network: nn.Module, scales: Mapping[str, float]) -> None:
         if name not in names:
             raise ValueError(f"adapter name={name!r} is not loaded; loaded: {names or 'none'}")
         _check_scale(name, scale)
+    if registry is None:  # nothing loaded and nothing asked
+        return
     if registry.saved is not None and any(registry.adapters[n].scale != s for n, s in scales.items()):
         raise ValueError("cannot change LoRA scales while fused; call unfuse_lora() first")
     for name, scale in scales.items():
@@ -699,7 +735,8 @@ def is_fused(network: nn.Module) -> bool:
 
 @contextlib.contextmanager
 def lora_disabled() -> Iterator[None]:
-    """No LoRA adds anything on this thread (and its tasks) inside the block: the base networks run."""
+    """The base networks run on this thread (and its tasks) inside the block: un-fused adapters add nothing, fused ones
+    are subtracted from the fused layers' outputs (the base output up to float rounding)."""
     token = _DISABLED.set(True)
     try:
         yield
@@ -738,7 +775,8 @@ def save_lora(
     """Write ``adapter`` as a ``.safetensors`` file in the kohya/AUTOMATIC1111 format (``lora_unet_...lora_down.
     weight``, ``lora_up.weight``, ``alpha``; two text encoders as ``lora_te1_``/``lora_te2_``) or the diffusers/PEFT
     format (``unet.<path>.lora_A.weight`` / ``lora_B.weight``, with the alphas in ``lora_adapter_metadata`` as
-    diffusers' ``save_lora_weights`` writes them). ``metadata`` (strings) is stored in the file's header."""
+    diffusers' ``save_lora_weights`` writes them). A CLIP text encoder's layers are written with the ``text_model``
+    level of transformers < 5 (``_saved_path``). ``metadata`` (strings) is stored in the file's header."""
     if format not in LORA_FORMATS:
         raise ValueError(f"format={format!r} is not allowed; allowed: {', '.join(LORA_FORMATS)}")
     path = Path(path)
@@ -751,14 +789,16 @@ def save_lora(
     for key, (net, module_path) in adapter.targets.items():
         layer = adapter.layers[key]
         down, up = layer.down.detach().contiguous().cpu(), layer.up.detach().contiguous().cpu()
+        saved_path = _saved_path(net, module_path)
         if format == "kohya":
-            stem = key.replace("lora_te_", "lora_te1_", 1) if two_encoders else key
+            stem = kohya_name(net, saved_path)
+            stem = stem.replace("lora_te_", "lora_te1_", 1) if two_encoders else stem
             tensors[f"{stem}.lora_down.weight"] = down
             tensors[f"{stem}.lora_up.weight"] = up
             tensors[f"{stem}.alpha"] = torch.tensor(layer.alpha, dtype=torch.float32)
         else:
-            tensors[f"{net}.{module_path}.lora_A.weight"] = down
-            tensors[f"{net}.{module_path}.lora_B.weight"] = up
+            tensors[f"{net}.{saved_path}.lora_A.weight"] = down
+            tensors[f"{net}.{saved_path}.lora_B.weight"] = up
             entry = peft.setdefault(net, {"r": layer.rank, "lora_alpha": layer.alpha, "alpha": {}, "rank": {}})
             entry["alpha"][module_path] = layer.alpha
             entry["rank"][module_path] = layer.rank
@@ -778,6 +818,16 @@ def save_lora(
         header.setdefault("format", "pt")
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata=header)
+    return path
+
+
+def _saved_path(net: str, path: str) -> str:
+    """A module path as LoRA files spell it: CLIP's layers keep the ``text_model`` level that transformers 5 dropped
+    (``text_model.encoder.layers.0...``), which AUTOMATIC1111 and kohya need and diffusers reads with either
+    spelling; other text encoders (BERT's ``encoder.layer.0...``) and the U-Net keep their path. The PEFT metadata
+    keeps the model's own paths: PEFT matches them as suffixes, so they fit CLIP with and without that level."""
+    if net != "unet" and path.startswith(_CLIP_LAYERS):
+        return "text_model." + path
     return path
 
 

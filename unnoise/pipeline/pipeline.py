@@ -264,8 +264,15 @@ class Pipeline:
         for net in adapter.counts():
             if net not in networks:
                 raise ValueError(f"LoRA {name!r} has layers for {net}, which this pipeline does not have")
-        for net in adapter.counts():
-            lora.attach(networks[net], adapter, name=name, net=net, scale=scale)
+        attached = []
+        try:
+            for net in adapter.counts():
+                lora.attach(networks[net], adapter, name=name, net=net, scale=scale)
+                attached.append(networks[net])
+        except Exception:
+            for network in attached:  # all networks or none
+                lora.detach(network, name)
+            raise
         digest = lora.lora_hash(path) if path is not None else None
         self._loras[name] = lora.LoadedLoRA(name, path, format, digest, adapter.counts())
         self._lora_scales[name] = float(scale)
@@ -290,7 +297,8 @@ class Pipeline:
         found: dict[str, Path | None] = {}
         if self.lora_dir is not None:
             found |= {p.stem: p for p in sorted(Path(self.lora_dir).glob("*.safetensors")) if p.is_file()}
-        return found | {name: info.path for name, info in self._loras.items()}
+        loaded = dict(self._loras)  # a snapshot: the server's worker may be loading one meanwhile
+        return found | {name: info.path for name, info in loaded.items()}
 
     def set_lora_scales(self, scales: dict[str, float]) -> None:
         """Set the scales of the named adapters (0 switches one off); the others keep theirs."""
@@ -345,8 +353,12 @@ class Pipeline:
         with contextlib.ExitStack() as stack:
             for network in self._lora_networks().values():
                 here = lora.loaded(network)
+                # adapters loaded on a network directly (unet.load_lora) are the caller's: they keep their scales
+                mine = {n: s for n, s in here.items() if n not in self._loras} | {
+                    n: s for n, s in scales.items() if n in here
+                }
                 if here:
-                    stack.enter_context(lora.scales_applied(network, {n: s for n, s in scales.items() if n in here}))
+                    stack.enter_context(lora.scales_applied(network, mine))
             yield
 
     # -- generation -----------------------------------------------------------------------------------------------
