@@ -13,11 +13,13 @@ from pathlib import Path
 import diffusers
 import numpy as np
 import pytest
+import torch
 import transformers
 from helpers import SD_SCHEDULE, free_port, run_cli, tiny_components
 from PIL import Image
 
 from unnoise import cli
+from unnoise.models.lora import LoRAAdapter, lora_hash, save_lora
 from unnoise.pipeline import Pipeline, loading
 from unnoise.pipeline.png import read_png_parameters, save_png
 from unnoise.serve.config import ServeConfig
@@ -148,6 +150,58 @@ def test_from_png_warns_about_settings_it_cannot_apply(capsys, model, tmp_path):
     assert read_png_parameters(paths[0])["seed"] == 3
 
 
+@pytest.fixture(scope="module")
+def loras(model, tmp_path_factory) -> dict[str, Path]:
+    """Two LoRA files for the tiny model, both named ``ink`` (a folder each) with different weights, random ``up``
+    (a new adapter starts as the identity)."""
+    pipe = Pipeline.from_pretrained(model)
+    networks = {"unet": pipe.unet, "text_encoder": pipe.text_encoder.lora_root()}
+    files = {}
+    for seed, key in enumerate(("ink", "other_ink")):
+        g = torch.Generator().manual_seed(seed)
+        adapter = LoRAAdapter.create(networks, rank=2, alpha=2, generator=g)
+        with torch.no_grad():
+            for layer in adapter.layers.values():
+                layer.up.normal_(0, 0.5, generator=g)
+        files[key] = save_lora(adapter, tmp_path_factory.mktemp(key) / "ink.safetensors")
+    return files
+
+
+def test_lora_flag_and_from_png_reproduce_an_image_made_with_a_lora(capsys, model, loras, tmp_path):
+    out, ink = tmp_path / "out", loras["ink"]
+    argv = ("a cat", "--steps", 3, "--size", "32x32", "--seed", 5, "--no-safety")
+    [base], _ = generate(capsys, model, out, *argv)
+    [made], _ = generate(capsys, model, out, *argv, "--lora", f"{ink}:0.8")
+    p = read_png_parameters(made)
+    assert (p["prompt"], p["loras"], p["lora_hashes"]) == ("a cat", {"ink": 0.8}, {"ink": lora_hash(ink)})
+    assert not np.array_equal(pixels(made), pixels(base))
+    [again], stderr = generate(capsys, model, out, "--from-png", made, "--lora-dir", ink.parent, "--no-safety")
+    assert np.array_equal(pixels(again), pixels(made)) and "warning" not in stderr
+    assert read_png_parameters(again) == p
+    [named], _ = generate(capsys, model, out, *argv, "--lora-dir", ink.parent, "--lora", "ink:0.8")  # by name
+    assert np.array_equal(pixels(named), pixels(made))
+    [half], _ = generate(capsys, model, out, "--from-png", made, "--lora", f"{ink}:0.5", "--no-safety")  # override
+    assert read_png_parameters(half)["loras"] == {"ink": 0.5} and not np.array_equal(pixels(half), pixels(made))
+
+
+def test_from_png_refuses_a_lora_it_cannot_find_or_whose_file_differs(capsys, model, loras, tmp_path):
+    out = tmp_path / "out"
+    argv = ("a cat", "--steps", 2, "--size", "32x32", "--seed", 1, "--no-safety", "--lora", loras["ink"])
+    [made], _ = generate(capsys, model, out, *argv)
+    recorded, other = lora_hash(loras["ink"]), lora_hash(loras["other_ink"])
+    status, _, stderr = run(capsys, "generate", "--model", model, "--from-png", made, "-o", out)
+    assert status == 2 and stderr.count("\n") == 1, stderr
+    assert f"argument --from-png: {made} was made with LoRA 'ink' (hash {recorded}), which is not a --lora" in stderr
+    wrong = loras["other_ink"]  # same name, other weights: found by name it is no reproduction
+    status, _, stderr = run(capsys, "generate", "--model", model, "--from-png", made, "--lora-dir", wrong.parent)
+    assert status == 2 and stderr.count("\n") == 1, stderr
+    expected = f"argument --lora-dir: {made} was made with LoRA 'ink' of hash {recorded}, but {wrong} has hash {other}"
+    assert expected in stderr, stderr
+    [chosen], stderr = generate(capsys, model, out, "--from-png", made, "--lora", wrong, "--no-safety")  # named
+    assert f"but {wrong} has hash {other}; the image will differ" in stderr
+    assert read_png_parameters(chosen)["lora_hashes"] == {"ink": other}
+
+
 BAD = [
     (["--size", "36x32"], r"argument --size: width=36 is not allowed; .*multiple of 8"),
     (["--size", "512x"], r"argument --size: '512x' is not a size; expected WIDTHxHEIGHT"),
@@ -165,6 +219,10 @@ BAD = [
     (["--from-png", "notes"], r"argument --from-png: cannot identify image file"),
     (["--from-png", "plain"], r"argument --from-png: .*plain.png has no 'parameters' text chunk"),
     (["--from-png", "missing.png"], r"argument --from-png: .*No such file"),
+    (["--lora", "missing.safetensors"], r"argument --lora: 'missing.safetensors' is not a file \(a LoRA name needs "),
+    (["--lora", "x.safetensors:inf"], r"argument --lora: 'x.safetensors:inf': scale 'inf' is not allowed; .*finite"),
+    (["--lora", "notes"], r"argument --lora: LoRA file .*notes.txt is not .safetensors"),
+    (["--lora-dir", "notes"], r"argument --lora-dir: .*notes.txt is not a folder"),
 ]
 
 

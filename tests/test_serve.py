@@ -312,6 +312,7 @@ BAD = [
     ("/v1/jobs", {"prompt": "x", "cfg": 3}, "cfg"),
     ("/v1/jobs", {"prompt": "x", "n": "two"}, "n"),
     ("/v1/jobs", {"prompt": "x", "height": 12}, "height"),
+    ("/v1/jobs", {"prompt": "x", "loras": {"ink": 5}}, "loras.ink"),
 ]
 
 

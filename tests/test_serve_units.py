@@ -3,6 +3,7 @@ store across restarts, the metrics format, API keys, validation messages."""
 
 import copy
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -237,17 +238,55 @@ def test_a1111_sampler_names():
         values(sampler_name="LMS")
 
 
-def test_serve_subcommand_flags(capsys):
+def test_a1111_prompt_tags_are_the_requests_loras():
+    """AUTOMATIC1111 clients name LoRAs by tags in the prompt: taken out of it, within the jobs API's bounds."""
+    from unnoise.serve.schemas import A1111Txt2ImgRequest, a1111_values
+
+    def values(prompt):
+        return a1111_values(A1111Txt2ImgRequest(prompt=prompt))
+
+    assert (values("a cat")["prompt"], values("a cat")["loras"]) == ("a cat", None)
+    tagged = values("a cat <lora:ink:0.8>, ink style <lora:paper v2:-1>")
+    assert (tagged["prompt"], tagged["loras"]) == ("a cat, ink style", {"ink": 0.8, "paper v2": -1.0})
+    with pytest.raises(ApiError) as error:
+        values("a cat <lora:ink:9>")
+    assert error.value.param == "prompt" and error.value.message.startswith(
+        "prompt='<lora:ink:9.0>' is not allowed; Input should be less than or equal to 4"
+    )  # fmt: skip
+    with pytest.raises(ApiError, match=r"^prompt='<lora:ink:nan>' is not allowed; Input should be a finite"):
+        values("a cat <lora:ink:nan>")
+
+
+def test_an_unknown_lora_is_a_400_and_a_spec_keeps_its_loras(pipe):
+    with pytest.raises(ApiError) as error:
+        build_spec(dict(prompt="x", loras={"ink": 1.0}), FIELDS_NATIVE, ServeConfig(), pipe)
+    assert (error.value.status, error.value.param, error.value.code) == (400, "loras", "unknown_lora")
+    assert error.value.message == (
+        "loras={'ink': 1.0} is not allowed; 'ink' is not a known LoRA; available: none (load one with load_lora or "
+        "set lora_dir)"
+    )
+    spec = build_spec(dict(prompt="x", loras={}), FIELDS_NATIVE, ServeConfig(), pipe)
+    assert spec.loras == {} and spec.to_dict()["loras"] == {}
+
+
+def test_serve_subcommand_flags(capsys, tmp_path):
     import argparse
 
     from unnoise.serve.cli import add_parser, config_from_args
 
     parser = argparse.ArgumentParser(prog="unnoise")
     add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["serve", "--max-batch", "4", "--api-key", "a", "--vram-budget", "2", "--timeout", "9"])
+    args = parser.parse_args(["serve", "--max-batch", "4", "--api-key", "a", "--vram-budget", "2", "--timeout", "9",
+                              "--lora-dir", "loras"])  # fmt: skip
     config = config_from_args(args)
     assert (config.max_batch, config.api_keys, config.vram_budget_gb, config.timeout_s) == (4, ("a",), 2.0, 9.0)
+    assert config.lora_dir == Path("loras")
     with pytest.raises(SystemExit) as exit_info:
         args = parser.parse_args(["serve", "--max-batch", "0"])
         args.run(args)
     assert exit_info.value.code == 2 and "argument --max-batch: max_batch=0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # checked before the server starts, as the model folder
+        args = parser.parse_args(["serve", "--lora-dir", str(tmp_path / "missing")])
+        args.run(args)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.endswith(f"argument --lora-dir: {tmp_path / 'missing'} is not a folder\n")

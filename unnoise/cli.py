@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import re
 import sys
@@ -50,6 +51,7 @@ _FLAGS = {
     "mask": "--mask",
     "guidance_rescale": "--from-png",
     "guidance_interval": "--from-png",
+    "loras": "--lora",
 }
 # The setting that the pipeline records when a call was given its initial noise instead of a seed.
 _GIVEN_NOISE = "Initial noise"
@@ -67,6 +69,27 @@ def _size(text: str) -> tuple[int, int]:
     if match is None:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size; expected WIDTHxHEIGHT, e.g. 512x512")
     return int(match[1]), int(match[2])
+
+
+def _lora(text: str) -> tuple[str, float | None]:
+    """``FILE[:SCALE]`` as (FILE, SCALE or None). A path may hold ':' itself: split at the last one only where what
+    follows is a number."""
+    head, sep, tail = text.rpartition(":")
+    try:
+        scale = float(tail) if sep and head else None
+    except ValueError:
+        scale = None
+    if scale is None:
+        return text, None
+    if not math.isfinite(scale):
+        raise argparse.ArgumentTypeError(f"{text!r}: scale {tail!r} is not allowed; expected a finite number")
+    return head, scale
+
+
+def _folder(text: str) -> Path:
+    if not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is not a folder")
+    return Path(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,7 +163,8 @@ def _add_generate(commands: Any) -> None:
         "PNG text chunk (as AUTOMATIC1111), plus grid-NNNNN.png when -n > 1. With --from-png FILE the settings "
         "come from FILE's parameters and any flag given explicitly overrides them; without overrides the image "
         "is reproduced bit-exactly on the same machine and model. The init image and mask are not recorded in "
-        "a PNG: pass them again. Unset flags take the model's defaults.",
+        "a PNG: pass them again; its LoRAs are found by name among the --lora files and in --lora-dir, and must be "
+        "the files it was made with (their hashes are checked). Unset flags take the model's defaults.",
     )
     p.add_argument("prompt", nargs="?", help="what to draw (optional with --from-png)")
     p.add_argument("-n", "--num-images", type=int, metavar="N", help="images in one batch, seeds SEED..SEED+N-1")
@@ -157,6 +181,11 @@ def _add_generate(commands: Any) -> None:
     p.add_argument("--strength", type=float, metavar="X", help="share of the steps to run from --init-image, (0, 1]")
     p.add_argument("--mask", type=Path, metavar="F", help="inpaint where this image is white (needs --init-image)")
     p.add_argument("--from-png", type=Path, metavar="FILE", help="regenerate FILE from its parameters")
+    p.add_argument("--lora", type=_lora, action="append", default=[], metavar="FILE[:SCALE]",
+                   help="apply a LoRA file (or the name of one in --lora-dir) at SCALE (default 1; repeatable); its "
+                   "name is the file's stem")  # fmt: skip
+    p.add_argument("--lora-dir", type=_folder, metavar="DIR", help="LoRA files found by name: those that a "
+                   "--from-png image names, and --lora NAME")  # fmt: skip
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--no-safety", action="store_true", help="no prompt filter, image filter or watermark")
     p.add_argument("--safety-clip", type=Path, metavar="DIR", help="a CLIP model folder: also filter images")
@@ -229,6 +258,9 @@ def generate(args: argparse.Namespace) -> None:
             f"{args.from_png} was made with model {recorded.get('model')!r} (hash {recorded['model_hash']}), not "
             f"{pipe.name!r} (hash {pipe.model_hash}); the image will differ"
         )
+    loras = _loras(pipe, args, settings.get("loras") or {}, recorded.get("lora_hashes") or {})
+    if loras is not None:
+        settings["loras"] = loras
     with _user_errors():
         images = pipe(**settings, callback=ProgressBar())
     if keep is not None:
@@ -289,6 +321,73 @@ def _settings(args: argparse.Namespace) -> tuple[dict[str, Any], int | None, dic
             "which a PNG does not hold; pass it with --init-image (and --mask if it was inpainted)"
         )
     return settings, keep, recorded
+
+
+def _loras(
+    pipe: Pipeline, args: argparse.Namespace, recorded: dict[str, float], hashes: dict[str, str]
+) -> dict[str, float] | None:
+    """Load the ``--lora`` files and the adapters that the ``--from-png`` image names (``recorded``, found by name
+    among them and in ``--lora-dir``); the request's ``loras`` (None when neither names any).
+
+    A ``--lora`` overrides the image's scale of its adapter when it gives one. A recorded adapter whose file has
+    another hash than ``hashes`` records is an error when the file was found by name in ``--lora-dir`` (an image is
+    not reproduced with other weights, and same-named versions of a LoRA are common), a warning when the file was
+    named with ``--lora`` (the user chose it, as ``--model``: that model's other hash is a warning too)."""
+    pipe.lora_dir = args.lora_dir
+    wanted, chosen = dict(recorded), set()
+    for text, scale in args.lora:
+        path = _lora_file(pipe, text, scale)
+        with _user_errors("--lora"):
+            name = pipe.load_lora(path, 1.0 if scale is None else scale)
+        wanted[name] = scale if scale is not None else recorded.get(name, 1.0)
+        chosen.add(name)
+    available = pipe.available_loras()
+    for name in recorded:
+        if name not in available:
+            where = f"in --lora-dir {args.lora_dir}" if args.lora_dir else "in a --lora-dir"
+            digest = hashes.get(name, "not recorded")
+            raise UsageError(
+                f"argument --from-png: {args.from_png} was made with LoRA {name!r} (hash {digest}), which is not a "
+                f"--lora file nor {where}; pass it with --lora FILE or --lora-dir DIR"
+            )
+        if name not in pipe.lora_info:
+            with _user_errors("--lora-dir"):
+                pipe.load_lora(available[name], 0.0, name)
+        _check_lora_hash(pipe, args.from_png, name, hashes.get(name), name in chosen)
+    return wanted if wanted else None
+
+
+def _lora_file(pipe: Pipeline, text: str, scale: float | None) -> Path:
+    """The file of ``--lora TEXT``: a path, else the name of a file of ``--lora-dir``."""
+    if Path(text).is_file():
+        return Path(text)
+    by_name = pipe.available_loras()
+    if by_name.get(text) is not None:
+        return by_name[text]
+    head, _, tail = text.rpartition(":")
+    if scale is None and head and (Path(head).is_file() or head in by_name):
+        raise UsageError(f"argument --lora: {text!r}: scale {tail!r} is not a number; expected FILE[:SCALE], e.g. "
+                         f"{head}:0.8")  # fmt: skip
+    if pipe.lora_dir is None:
+        raise UsageError(f"argument --lora: {text!r} is not a file (a LoRA name needs --lora-dir DIR)")
+    names = ", ".join(sorted(by_name)) or "no .safetensors files"
+    raise UsageError(f"argument --lora: {text!r} is not a file nor a LoRA of --lora-dir {pipe.lora_dir} ({names})")
+
+
+def _check_lora_hash(pipe: Pipeline, image: Path, name: str, recorded: str | None, chosen: bool) -> None:
+    actual = pipe.lora_info[name].hash
+    if recorded is None:
+        _warn(f"{image} records no hash for LoRA {name!r}: cannot check that {pipe.lora_info[name].path} is its file")
+        return
+    if actual == recorded:
+        return
+    message = (
+        f"{image} was made with LoRA {name!r} of hash {recorded}, but {pipe.lora_info[name].path} has hash {actual}"
+    )
+    if chosen:
+        _warn(f"{message}; the image will differ")
+        return
+    raise UsageError(f"argument --lora-dir: {message}; pass the file it was made with (--lora FILE to use this one)")
 
 
 def _load(model: Path | None, device: str | None) -> Pipeline:

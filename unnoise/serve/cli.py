@@ -59,6 +59,8 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     p.add_argument("--no-warmup", action="store_true", help="ready without a warm-up generation")
     p.add_argument("--no-safety", action="store_true", help="turn off the prompt and image filters (docs/safety.md)")
     p.add_argument("--safety-clip", type=Path, metavar="DIR", help="a CLIP model folder: also filter images")
+    p.add_argument("--lora-dir", type=Path, metavar="DIR", help="LoRA files (*.safetensors) that requests may name "
+                   "by file stem in their loras field (loaded on first use)")  # fmt: skip
     p.set_defaults(run=run, error=p.error)
     return p
 
@@ -71,7 +73,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         max_batch=args.max_batch, batch_wait_s=args.batch_wait, vram_budget_gb=args.vram_budget,
         api_keys=tuple(args.api_key), db=args.db, timeout_s=args.timeout, drain_timeout_s=args.drain_timeout,
         max_steps=args.max_steps, max_pixels=args.max_pixels, warmup=not args.no_warmup, safety=not args.no_safety,
-        safety_clip=args.safety_clip, any_size=args.any_size,
+        safety_clip=args.safety_clip, any_size=args.any_size, lora_dir=args.lora_dir,
     ).with_env_keys()  # fmt: skip
 
 
@@ -86,6 +88,8 @@ def run(args: argparse.Namespace) -> None:
         resolve_model(args.model if args.model is not None else "default")
     except OSError as error:
         args.error(f"argument --model: {error}")
+    if config.lora_dir is not None and not config.lora_dir.is_dir():
+        args.error(f"argument --lora-dir: {config.lora_dir} is not a folder")
     from unnoise.serve.server import serve  # fastapi and uvicorn only when serving
 
     print(f"unnoise serve: {config.model} on http://{config.host}:{config.port}", file=sys.stderr)

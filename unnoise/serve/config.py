@@ -37,6 +37,7 @@ class ServeConfig:
     warmup: bool = True  # one generation before /ready says yes
     safety: bool = True  # the prompt filter (400 with the category) and, with safety_clip, the image filter
     safety_clip: Path | None = None  # a CLIP model folder for the image filter (unnoise.safety.CLIPConceptFilter)
+    lora_dir: Path | None = None  # LoRA files (*.safetensors) that requests may name by file stem (Pipeline.lora_dir)
 
     def __post_init__(self) -> None:
         for name in ("max_queue", "max_batch", "max_steps", "max_pixels", "max_prompt_chars"):

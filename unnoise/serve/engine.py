@@ -1,8 +1,9 @@
 """The engine: a bounded queue of jobs and one worker thread that batches them through the pipeline.
 
 The worker takes the oldest queued job and every other queued job with the same ``batch_key`` (the pipeline's:
-size, steps, sampler, guidance) in arrival order, up to the batch that ``--max-batch`` and the VRAM planner allow,
-and runs them as one sampler pass (``Pipeline.generate`` on their resolved requests); while fewer jobs are queued
+size, steps, sampler, guidance, LoRA adapters and their scales) in arrival order, up to the batch that
+``--max-batch`` and the VRAM planner allow, and runs them as one sampler pass (``Pipeline.generate`` on their
+resolved requests; it loads a LoRA of ``--lora-dir`` the first time a request names it); while fewer jobs are queued
 than the last run had, it first waits a few milliseconds (``batch_wait_s``) for that run's clients to come back.
 At each step it reports progress to each job's listeners and drops jobs that were cancelled or ran past their
 deadline; when no job of the run is left, the run stops. An exception fails the jobs of that run with 500 (a run
@@ -76,6 +77,9 @@ class Engine:
             torch.set_num_threads(self.config.threads)
         try:
             self.pipe = pipe if pipe is not None else self._load()
+            if self.config.lora_dir is not None:
+                # Pipeline.generate loads a file of it when a request first names it: here, never during a generation
+                self.pipe.lora_dir = self.config.lora_dir
             if self._safety is not None:
                 self.pipe.safety = self._safety
             elif self.config.safety:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 import logging
 import time
@@ -18,6 +19,7 @@ from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from unnoise.core.samplers import SAMPLERS
+from unnoise.models.lora import lora_hash
 from unnoise.pipeline.inputs import SEED_LIMIT
 from unnoise.pipeline.png import A1111_SAMPLERS
 from unnoise.serve.engine import Engine
@@ -106,6 +108,30 @@ async def models(request: Request) -> dict[str, Any]:
     engine.require_ready()
     entry = {"id": engine.pipe.name, "object": "model", "created": 0, "owned_by": "unnoise"}
     return {"object": "list", "data": [entry]}
+
+
+@router.get("/v1/loras")
+def loras(request: Request) -> dict[str, Any]:
+    """The LoRA adapters a request may name in ``loras``: the files of ``--lora-dir`` by stem and those loaded, each
+    with its AUTOMATIC1111 short hash (as the PNG's "Lora hashes" records it) and whether it is loaded yet."""
+    engine: Engine = request.app.state.engine  # a plain def: FastAPI runs it in a thread pool, as hashing takes time
+    engine.require_ready()
+    info = engine.pipe.lora_info
+    data = []
+    for name, path in engine.pipe.available_loras().items():
+        if name in info:
+            digest = info[name].hash
+        else:
+            stat = path.stat()
+            digest = _file_hash(str(path), stat.st_mtime_ns, stat.st_size)
+        data.append({"name": name, "object": "lora", "hash": digest, "loaded": name in info})
+    return {"object": "list", "data": data}
+
+
+@functools.lru_cache(maxsize=1024)
+def _file_hash(path: str, mtime_ns: int, size: int) -> str:
+    """``lora_hash`` of a file, once per version of it (its modification time and size are part of the key)."""
+    return lora_hash(path)
 
 
 # -- AUTOMATIC1111 -------------------------------------------------------------------------------------------------

@@ -12,11 +12,11 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from unnoise.core.samplers import SAMPLERS
 from unnoise.pipeline.inputs import SEED_LIMIT
-from unnoise.pipeline.png import A1111_SAMPLERS, A1111_SCHEDULES
+from unnoise.pipeline.png import A1111_SAMPLERS, A1111_SCHEDULES, lora_prompt_tags
 from unnoise.serve.validation import FIELDS_NATIVE, invalid
 
 # A job list's offset and an image's index: far past any count of jobs or images, under SQLite's 2**63 - 1, and the
@@ -26,10 +26,21 @@ Images = Annotated[int, Field(ge=1, description="images in one batch, at most th
 Steps = Annotated[int, Field(ge=1, description="sampler steps, at most the server's --max-steps")]
 Side = Annotated[int, Field(ge=1, description="pixels, a multiple of the model's latent factor")]
 Seed = Annotated[int, Field(ge=0, le=SEED_LIMIT - 1, description="the first image's seed; none: a random one")]
+# LoRA scales a request may ask for: AUTOMATIC1111 users go past 1 (and below 0, to subtract a concept), but a few
+# times over the update swamps the base weights and the image is noise.
+LORA_SCALE_LIMIT = 4.0
+LoRAScale = Annotated[float, Field(ge=-LORA_SCALE_LIMIT, le=LORA_SCALE_LIMIT, allow_inf_nan=False)]
+LoRAs = Annotated[
+    dict[str, LoRAScale],
+    Field(description="LoRA adapters by name (GET /v1/loras lists them: the files of the server's --lora-dir) and "
+          "their scales; exactly these run, others are off; absent: the served pipeline's own (none on "
+          "`unnoise serve`)"),
+]  # fmt: skip
+_LORAS = TypeAdapter(LoRAs)
 
 
 class OpenAIImageRequest(BaseModel):
-    """``POST /v1/images/generations`` (OpenAI Images API) with the extensions negative_prompt ... seed."""
+    """``POST /v1/images/generations`` (OpenAI Images API) with the extensions negative_prompt ... seed, loras."""
 
     model_config = ConfigDict(extra="ignore")
     prompt: str
@@ -43,6 +54,7 @@ class OpenAIImageRequest(BaseModel):
     sampler: str | None = None
     guidance_scale: float | None = None
     seed: Seed | None = None
+    loras: LoRAs | None = None
 
 
 OPENAI_FIELDS = {**FIELDS_NATIVE, "width": "size", "height": "size"}
@@ -58,14 +70,16 @@ def openai_values(body: OpenAIImageRequest) -> dict[str, Any]:
     return dict(
         prompt=body.prompt, negative_prompt=body.negative_prompt, n=1 if body.n is None else body.n, width=width,
         height=height, steps=body.steps, sampler=body.sampler, guidance_scale=body.guidance_scale, seed=body.seed,
+        loras=body.loras,
     )  # fmt: skip
 
 
 class A1111Txt2ImgRequest(BaseModel):
-    """``POST /sdapi/v1/txt2img`` (AUTOMATIC1111's API): the fields below; None means the model's default."""
+    """``POST /sdapi/v1/txt2img`` (AUTOMATIC1111's API): the fields below; None means the model's default. LoRAs
+    are named as AUTOMATIC1111 clients name them, by ``<lora:name:scale>`` tags in the prompt."""
 
     model_config = ConfigDict(extra="ignore")
-    prompt: str = ""
+    prompt: str = Field("", description="<lora:name:scale> tags in it select LoRA adapters (GET /v1/loras)")
     negative_prompt: str | None = ""
     steps: Steps | None = None
     cfg_scale: float | None = None
@@ -81,7 +95,7 @@ class A1111Txt2ImgRequest(BaseModel):
 
 
 A1111_FIELDS = {**FIELDS_NATIVE, "n": "batch_size", "guidance_scale": "cfg_scale", "sampler": "sampler_name",
-                "spacing": "scheduler"}  # fmt: skip
+                "spacing": "scheduler", "loras": "prompt"}  # fmt: skip
 _A1111_BACK = {v.lower(): k for k, v in A1111_SAMPLERS.items()} | {k: k for k in SAMPLERS}
 _SCHEDULES_BACK = {v.lower(): k for k, v in A1111_SCHEDULES.items()}
 
@@ -93,11 +107,27 @@ def a1111_values(body: A1111Txt2ImgRequest) -> dict[str, Any]:
             allowed = ", ".join(["Automatic", *A1111_SCHEDULES.values()])
             raise invalid("scheduler", body.scheduler, f"allowed: {allowed}")
         spacing = _SCHEDULES_BACK[body.scheduler.lower()]
+    prompt, loras = _a1111_loras(body.prompt)
     return dict(
-        prompt=body.prompt, negative_prompt=body.negative_prompt or None, n=body.batch_size, width=body.width,
+        prompt=prompt, negative_prompt=body.negative_prompt or None, n=body.batch_size, width=body.width,
         height=body.height, steps=body.steps, sampler=sampler, spacing=spacing, guidance_scale=body.cfg_scale,
-        seed=None if body.seed in (None, -1) else body.seed,
+        seed=None if body.seed in (None, -1) else body.seed, loras=loras,
     )  # fmt: skip
+
+
+def _a1111_loras(prompt: str) -> tuple[str, dict[str, float] | None]:
+    """The prompt without its ``<lora:name:scale>`` tags and the tags' adapters (None without tags), as
+    AUTOMATIC1111 reads them, within the bounds of the other APIs' ``loras`` field."""
+    try:
+        text, loras = lora_prompt_tags(prompt)
+    except ValueError as error:
+        raise invalid("prompt", prompt[:200], str(error)) from None
+    try:
+        _LORAS.validate_python(loras)
+    except ValidationError as error:
+        first = error.errors()[0]
+        raise invalid("prompt", f"<lora:{first['loc'][0]}:{first['input']}>", first["msg"]) from None
+    return text, loras or None
 
 
 def _a1111_sampler(name: str | None) -> tuple[str | None, str | None]:
@@ -127,6 +157,7 @@ class JobRequest(BaseModel):
     sampler: str | None = None
     guidance_scale: float | None = None
     seed: Seed | None = None
+    loras: LoRAs | None = None
 
 
 def job_values(body: JobRequest) -> dict[str, Any]:

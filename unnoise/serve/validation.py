@@ -5,7 +5,8 @@ Every API (OpenAI, AUTOMATIC1111, jobs) turns its body into the same keyword arg
 with the names its clients know (``n`` / ``batch_size``, ``guidance_scale`` / ``cfg_scale``), so a bad value gets
 a 422 that names the field as the client sent it. The server checks only its own limits (prompt length, batch,
 steps, pixels, guidance range), then runs the pipeline's ``resolve_request`` once (the engine later hands the
-resolved request to ``Pipeline.generate``), then the model's declared sizes (400) and the VRAM budget (413).
+resolved request to ``Pipeline.generate``), then the model's declared sizes (400) and the VRAM budget (413). A LoRA
+name that the pipeline does not know (``Pipeline.available_loras``: loaded, or a file of ``lora_dir``) is a 400.
 """
 
 from __future__ import annotations
@@ -58,12 +59,13 @@ class GenerationSpec:
     spacing: str
     guidance_scale: float
     seed: int
+    loras: dict[str, float] = dataclasses.field(default_factory=dict)  # the adapters that run, by name (none at 0)
     resolved: ResolvedRequest | None = dataclasses.field(default=None, compare=False, repr=False)
 
     @classmethod
     def of(cls, req: ResolvedRequest) -> GenerationSpec:
         return cls(req.prompt, req.negative_prompt, req.num_images, req.width, req.height, req.steps, req.sampler,
-                   req.spacing, req.guidance_scale, req.seed, req)  # fmt: skip
+                   req.spacing, req.guidance_scale, req.seed, dict(req.loras), req)  # fmt: skip
 
     @property
     def batch_key(self) -> tuple[Any, ...]:
@@ -87,7 +89,7 @@ class GenerationSpec:
 
 # Our keyword -> the field name in each API (for messages); absent: the API has no such field.
 FIELDS_NATIVE = {k: k for k in ("prompt", "negative_prompt", "n", "width", "height", "steps", "sampler",
-                                "guidance_scale", "seed", "spacing")}  # fmt: skip
+                                "guidance_scale", "seed", "spacing", "loras")}  # fmt: skip
 
 
 def build_spec(values: dict[str, Any], fields: dict[str, str], limits: ServeConfig, pipe: Any,
@@ -110,6 +112,7 @@ def build_spec(values: dict[str, Any], fields: dict[str, str], limits: ServeConf
     request = Request(
         prompt, negative_prompt=negative, num_images=n, steps=values.get("steps"), sampler=values.get("sampler"),
         guidance_scale=scale, seed=values.get("seed"), width=width, height=height, spacing=values.get("spacing"),
+        loras=values.get("loras"),
     )  # fmt: skip
     try:
         resolved = resolve_request(pipe, request)
@@ -117,7 +120,10 @@ def build_spec(values: dict[str, Any], fields: dict[str, str], limits: ServeConf
         message = str(error)
         key = message.split("=", 1)[0]
         param = fields.get({"num_images": "n"}.get(key, key), key)
-        raise ApiError(422, f"{param}{message[len(key) :]}", param=param, code="invalid_value") from None
+        # the bodies make ``loras`` a mapping of bounded numbers: what the pipeline refuses of it as a whole is a
+        # name this server does not have (400, as a size the model does not declare), not a malformed value
+        status, code = (400, "unknown_lora") if key == "loras" else (422, "invalid_value")
+        raise ApiError(status, f"{param}{message[len(key) :]}", param=param, code=code) from None
     spec = GenerationSpec.of(resolved)
     _declared_size(spec, fields, limits, pipe)
     if planner is not None:
