@@ -11,6 +11,7 @@ import torch
 from test_serve import build_tiny_pipeline, parse_prometheus
 
 from unnoise import Pipeline
+from unnoise.models.lora import LoRAAdapter
 from unnoise.models.packing import (
     conv_backend,
     kept_packed_bytes,
@@ -93,6 +94,24 @@ def test_planner_counts_the_packed_weights_a_cpu_call_keeps(pipe):
         context = torch.randn(2, pipe.text_encoder.max_length, pipe.text_encoder.dim)
         pipe.unet(torch.randn(2, 4, 8, 8), torch.full((2,), 500.0), encoder_hidden_states=context)
     assert kept_packed_bytes(pipe.unet) == expected
+
+
+def test_planner_counts_lora_adapters_as_they_come_and_go(pipe):
+    """Adapters sit beside the networks' parameters; fused, the base weights kept for unfuse count too."""
+    pipe = copy.deepcopy(pipe)
+    planner = VramPlanner(pipe, 2**40, 8)
+    base = planner.weights
+    networks = {"unet": pipe.unet, "text_encoder": pipe.text_encoder.lora_root()}
+    adapter = LoRAAdapter.create(networks, rank=4, alpha=4.0, generator=torch.Generator().manual_seed(0))
+    pipe.add_lora(adapter, "a")
+    adapter_bytes = sum(p.numel() * p.element_size() for p in adapter.parameters())
+    assert planner.weights == base + adapter_bytes
+    targets = dict(pipe.unet.named_modules()) | dict(pipe.text_encoder.lora_root().named_modules())
+    saved = sum(targets[path].weight.numel() * 4 for _, path in adapter.targets.values())
+    pipe.fuse_lora()
+    assert planner.weights == base + adapter_bytes + saved
+    pipe.unload_lora()
+    assert planner.weights == base
 
 
 def test_planner_combines_the_figures_the_networks_report(pipe):

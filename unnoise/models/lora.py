@@ -660,6 +660,22 @@ def state_key(network: nn.Module) -> tuple:
     return (_DISABLED.get(), registry.version, registry.saved is not None, scales)
 
 
+def held_bytes(network: nn.Module) -> int:
+    """Bytes the LoRAs on ``network`` hold beside its own parameters: the adapters' layers for it and, while fused,
+    the base weights kept for ``unfuse`` (the memory planner adds them to the network's resident bytes)."""
+    registry = _registry(network)
+    if registry is None:
+        return 0
+    tensors = {
+        id(p): p
+        for a in registry.adapters.values()
+        for layer in a.adapter.of(a.network).values()
+        for p in layer.parameters()
+    }
+    tensors |= {id(t): t for t in (registry.saved or {}).values()}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
 def set_scales(network: nn.Module, scales: Mapping[str, float]) -> None:
     """Set the scale of the named adapters (0 switches one off); the others keep theirs."""
     registry = _registry(network)

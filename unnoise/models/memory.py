@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from unnoise.models import lora
 from unnoise.models.layers import Upsample2D, attention_mode, feed_forward_chunk_rows
 from unnoise.models.packing import conv_backend, packed_weight_bytes
 
@@ -48,9 +49,10 @@ def module_bytes(*modules: nn.Module) -> int:
 def resident_bytes(module: nn.Module) -> int:
     """Bytes ``module`` holds between inference calls: its parameters and buffers, the plain kernels its fused
     upsamplers keep (``Upsample2D.fused_weight_bytes``) and, on the CPU, the weights reordered for oneDNN beside the
-    plain ones (``packing.packed_weight_bytes``; none for weights packed in place)."""
+    plain ones (``packing.packed_weight_bytes``; none for weights packed in place), and what its LoRA adapters hold
+    (``lora.held_bytes``)."""
     fused = sum(m.fused_weight_bytes() for m in module.modules() if isinstance(m, Upsample2D))
-    return module_bytes(module) + fused + packed_weight_bytes(module)
+    return module_bytes(module) + fused + packed_weight_bytes(module) + lora.held_bytes(module)
 
 
 def kernel_workspace(module: nn.Module) -> int:

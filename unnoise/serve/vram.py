@@ -4,8 +4,8 @@ Peak = weights + the sampler's latents + the larger of two phases that never ove
 classifier-free-guidance batch (2B, ``UNet.activation_bytes``) and the VAE decode of B images
 (``AutoencoderKL.decode_activation_bytes``). The weights are what the networks hold between calls
 (``resident_bytes``: parameters, fused upsampler kernels and, on the CPU, weights reordered for oneDNN beside the
-plain ones) and the text encoder's parameters. How the networks estimate their activations, and how the estimates are
-checked against the profiler and on GPU, is in ``unnoise.models.memory``.
+plain ones, LoRA adapters) and the text encoder's parameters and adapters. How the networks estimate their
+activations, and how the estimates are checked against the profiler and on GPU, is in ``unnoise.models.memory``.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from unnoise.models import lora
 from unnoise.models.memory import module_bytes
 
 GIB = 2**30
@@ -49,7 +50,18 @@ class VramPlanner:
 
     def __init__(self, pipe: Any, budget: int, max_batch: int):
         self.pipe, self.budget, self.limit = pipe, int(budget), int(max_batch)
-        self.weights = pipe.unet.resident_bytes() + pipe.vae.resident_bytes() + module_bytes(pipe.text_encoder)
+        self._weights: tuple[tuple, int] | None = None
+
+    @property
+    def weights(self) -> int:
+        """Bytes the networks hold between calls, LoRA adapters included (recounted when the adapters change: a
+        ``--lora-dir`` file loads when a request first names it)."""
+        pipe = self.pipe
+        key = (lora.state_key(pipe.unet), lora.state_key(pipe.text_encoder.lora_root()))
+        if self._weights is None or self._weights[0] != key:
+            text = module_bytes(pipe.text_encoder) + lora.held_bytes(pipe.text_encoder.lora_root())
+            self._weights = (key, pipe.unet.resident_bytes() + pipe.vae.resident_bytes() + text)
+        return self._weights[1]
 
     def estimate(self, batch: int, width: int, height: int, *, cfg: bool = True) -> MemoryEstimate:
         """Peak bytes of generating ``batch`` images of ``width`` x ``height`` (with classifier-free guidance)."""
