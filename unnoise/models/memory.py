@@ -4,7 +4,9 @@
 Each forward is estimated by walking its blocks in order and keeping what is alive at once: the skip tensors the
 U-Net holds for its up path, plus the working set of the current block (a residual block's input and two
 temporaries; a transformer block's tokens and its GEGLU feed-forward's 8x- and 4x-wide temporaries, over one chunk
-of tokens on the CPU (``layers.FeedForward``); an upsampler's input and its 4x-larger output and conv). Fused SDPA
+of tokens on the CPU (``layers.FeedForward``), the same for any depth of the stack, since without autograd each block
+replaces the tokens of the one before (SDXL's 10 deep stacks measure as 1; tests/test_unet_sdxl.py); an upsampler's
+input and its 4x-larger output and conv). Fused SDPA
 kernels (flash / memory-efficient, on CPU and CUDA) hold no N x N score matrix, so attention adds its q, k, v and
 output; ``chunked`` attention adds one (heads, chunk, N) block of scores. On top come the kernels' own allocations:
 a weight-sized reorder or scratch buffer, and the largest convolution's workspace, which depends on the kernel that

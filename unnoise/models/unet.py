@@ -12,7 +12,7 @@ restores the two steps. CPU inference runs through oneDNN on weights reordered o
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -43,10 +43,17 @@ DOWN_BLOCKS: dict[str, str | None] = {"DownBlock2D": None, "AttnDownBlock2D": "s
 UP_BLOCKS: dict[str, str | None] = {"UpBlock2D": None, "AttnUpBlock2D": "self", "CrossAttnUpBlock2D": "cross"}
 MID_BLOCKS: dict[str, str] = {"UNetMidBlock2D": "self", "UNetMidBlock2DCrossAttn": "cross"}
 TIME_CONDITIONING = ("default", "scale_shift")
+# Embeddings added to the time embedding: "text_time" (SDXL): the pooled text embedding and the embedded time ids.
+ADDITION_EMBEDDINGS = (None, "text_time")
 
 
 def _error(field: str, value: Any, allowed: str) -> ValueError:
     return ValueError(f"UNetConfig.{field}={value!r}: {allowed}")
+
+
+def _tuples(value: Any) -> Any:
+    """Lists, also nested ones (per-layer depths), as tuples: what JSON and Python callers give becomes hashable."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -54,7 +61,11 @@ class UNetConfig(ModelConfig):
     """U-Net shape. Per-block fields take one int for all blocks or a tuple with one entry per down block.
 
     Attention shape per block: ``num_attention_heads`` and/or ``attention_head_dim``; the missing one is
-    ``channels // given``; with neither, one head spans all channels.
+    ``channels // given``; with neither, one head spans all channels. Transformer depth per block: one int for every
+    layer of the block or a tuple with one per layer; the up blocks (lowest resolution first) mirror the down blocks'
+    depths unless ``reverse_transformer_layers_per_block`` gives theirs, and the mid block takes the last down
+    block's (its first layer's), as diffusers does. ``addition_embed_type="text_time"`` adds SDXL's conditioning on
+    the pooled text embedding and the size/crop (and aesthetic score) time ids to the time embedding.
     """
 
     sample_size: tuple[int, int] | int | None = None
@@ -72,7 +83,8 @@ class UNetConfig(ModelConfig):
     attn_norm_num_groups: int | None = None  # groups of that GroupNorm; None: norm_num_groups
     cross_attention_dim: int | None = None
     use_linear_projection: bool = False
-    transformer_layers_per_block: tuple[int, ...] | int = 1
+    transformer_layers_per_block: tuple[int | tuple[int, ...], ...] | int = 1  # per down block
+    reverse_transformer_layers_per_block: tuple[int | tuple[int, ...], ...] | None = None  # per up block
     norm_num_groups: int = 32
     norm_eps: float = 1e-5
     flip_sin_to_cos: bool = True
@@ -80,16 +92,20 @@ class UNetConfig(ModelConfig):
     time_embedding_dim: int | None = None  # None: 4 * block_out_channels[0]
     resnet_time_scale_shift: str = "default"  # "default": added to features; "scale_shift": FiLM after norm2
     num_class_embeds: int | None = None
+    addition_embed_type: str | None = None  # None or "text_time"
+    addition_time_embed_dim: int | None = None  # sinusoidal width of each time id
+    projection_class_embeddings_input_dim: int | None = None  # text embedding width + time ids * that width
     downsample_padding: int = 1
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        for field in dataclasses.fields(self):  # lists (from Python callers) become tuples, as from JSON
-            if isinstance(getattr(self, field.name), list):
-                object.__setattr__(self, field.name, tuple(getattr(self, field.name)))
+        for field in dataclasses.fields(self):  # lists (from Python callers and JSON) become tuples
+            object.__setattr__(self, field.name, _tuples(getattr(self, field.name)))
         self._check_blocks()
+        self._check_depths()
         self._check_channels()
         self._check_attention()
+        self._check_addition()
 
     def _check_blocks(self) -> None:
         n = len(self.block_out_channels)
@@ -104,9 +120,8 @@ class UNetConfig(ModelConfig):
                     raise _error(name, types, f"{t!r} is not one of {sorted(table)}")
         if self.mid_block_type is not None and self.mid_block_type not in MID_BLOCKS:
             raise _error("mid_block_type", self.mid_block_type, f"allowed: {sorted(MID_BLOCKS)} or None")
-        for name in ("layers_per_block", "transformer_layers_per_block"):
-            if any(not isinstance(v, int) or v < 1 for v in self.per_block(name)):
-                raise _error(name, getattr(self, name), f"needs positive ints, one or {n}")
+        if any(not isinstance(v, int) or v < 1 for v in self.per_block("layers_per_block")):
+            raise _error("layers_per_block", self.layers_per_block, f"needs positive ints, one or {n}")
         if self.resnet_time_scale_shift not in TIME_CONDITIONING:
             raise _error("resnet_time_scale_shift", self.resnet_time_scale_shift, f"allowed: {TIME_CONDITIONING}")
         if self.downsample_padding not in (0, 1):
@@ -115,6 +130,33 @@ class UNetConfig(ModelConfig):
             raise _error("num_class_embeds", self.num_class_embeds, "must be None or >= 1")
         if not 0.0 <= self.dropout < 1.0:
             raise _error("dropout", self.dropout, "must be in [0, 1)")
+
+    def _check_depths(self) -> None:
+        n, layers = len(self.block_out_channels), self.per_block("layers_per_block")
+        down, reverse = self.per_block("transformer_layers_per_block"), self.reverse_transformer_layers_per_block
+        if reverse is not None and (not isinstance(reverse, tuple) or len(reverse) != n):
+            raise _error(
+                "reverse_transformer_layers_per_block", reverse, f"needs None or {n} entries, one per up block"
+            )
+        up_layers = [layers[n - 1 - i] + 1 for i in range(n)]
+        for name, values, counts in (
+            ("transformer_layers_per_block", down, layers),
+            ("reverse_transformer_layers_per_block", reverse or (), up_layers),
+        ):
+            for value, count in zip(values, counts):
+                depths = value if isinstance(value, tuple) else (value,) * count
+                if len(depths) != count or any(type(d) is not int or d < 0 for d in depths):
+                    raise _error(
+                        name,
+                        getattr(self, name),
+                        f"needs per block a depth >= 0 or a tuple of one per layer (layers: {tuple(counts)})",
+                    )
+        if reverse is None and any(isinstance(v, tuple) for v in down):
+            raise _error(
+                "reverse_transformer_layers_per_block",
+                None,
+                "needed: transformer_layers_per_block gives per-layer depths and up blocks have one layer more",
+            )
 
     def _check_channels(self) -> None:
         for name in ("in_channels", "out_channels", "norm_num_groups"):
@@ -152,7 +194,18 @@ class UNetConfig(ModelConfig):
         if not self.uses_cross_attention and self.cross_attention_dim is not None:
             raise _error("cross_attention_dim", self.cross_attention_dim, "must be None: no block cross-attends")
 
-    def per_block(self, name: str) -> tuple[int, ...]:
+    def _check_addition(self) -> None:
+        kind = self.addition_embed_type
+        if kind not in ADDITION_EMBEDDINGS:
+            raise _error("addition_embed_type", kind, f"allowed: {ADDITION_EMBEDDINGS}")
+        for name in ("addition_time_embed_dim", "projection_class_embeddings_input_dim"):
+            value = getattr(self, name)
+            if kind is None and value is not None:
+                raise _error(name, value, "must be None without an addition_embed_type")
+            if kind is not None and (type(value) is not int or value < 1):
+                raise _error(name, value, f"addition_embed_type={kind!r} needs it, an int >= 1")
+
+    def per_block(self, name: str) -> tuple[Any, ...]:
         """A per-block field as a tuple with one entry per down block (level)."""
         value = getattr(self, name)
         n = len(self.block_out_channels)
@@ -169,6 +222,19 @@ class UNetConfig(ModelConfig):
         if heads is None and dim is None:
             return 1, ch
         return (heads or ch // dim, dim or ch // heads)
+
+    def transformer_depths(self, part: Literal["down", "mid", "up"], index: int = 0) -> tuple[int, ...]:
+        """Depth of the transformer after each layer of down block ``index`` ("down"), up block ``index`` ("up",
+        lowest resolution first) or the mid block ("mid": one entry, the last down block's first layer's)."""
+        n, layers = len(self.block_out_channels), self.per_block("layers_per_block")
+        if part == "up" and self.reverse_transformer_layers_per_block is not None:
+            value, count = self.reverse_transformer_layers_per_block[index], layers[n - 1 - index] + 1
+        else:
+            level = {"down": index, "mid": n - 1, "up": n - 1 - index}[part]
+            value = self.per_block("transformer_layers_per_block")[level]
+            count = {"down": layers[level], "mid": 1, "up": layers[level] + 1}[part]
+        depths = value if isinstance(value, tuple) else (value,) * count
+        return depths[:count]
 
     def block_kinds(self) -> tuple[tuple[str | None, ...], str | None, tuple[str | None, ...]]:
         """The attention in each down block, the mid block and each up block: None, "self" or "cross"."""
@@ -208,6 +274,20 @@ def _check_conditioning(name: str, value: Tensor | None, expected: tuple | None,
         raise ValueError(
             f"{name} has shape {shape}; expected ({', '.join(map(str, expected))}{',' * (len(expected) == 1)})"
         )
+
+
+def _added_conditions(
+    text_embeds: Tensor | None, time_ids: Tensor | None, added_cond_kwargs: dict[str, Tensor] | None
+) -> tuple[Tensor | None, Tensor | None]:
+    """(text_embeds, time_ids) from the keyword arguments or diffusers' ``added_cond_kwargs`` dict, not both."""
+    if added_cond_kwargs is None:
+        return text_embeds, time_ids
+    unknown = sorted(set(added_cond_kwargs) - {"text_embeds", "time_ids"})
+    if unknown:
+        raise ValueError(f"added_cond_kwargs has keys {unknown}; allowed: 'text_embeds', 'time_ids'")
+    if text_embeds is not None or time_ids is not None:
+        raise ValueError("give text_embeds and time_ids either as keyword arguments or in added_cond_kwargs, not both")
+    return added_cond_kwargs.get("text_embeds"), added_cond_kwargs.get("time_ids")
 
 
 class _Layers(nn.Module):
@@ -287,6 +367,8 @@ class UNet(LoRAHost, nn.Module):
         self.time_embedding = TimestepEmbedding(ch[0], config.time_embed_dim)
         n_class = config.num_class_embeds
         self.class_embedding = nn.Embedding(n_class, config.time_embed_dim) if n_class else None
+        added = config.projection_class_embeddings_input_dim  # SDXL: [text_embeds, embedded time_ids] -> time
+        self.add_embedding = TimestepEmbedding(added, config.time_embed_dim) if config.addition_embed_type else None
         skip_channels = [ch[0]]  # channel count of every skip, pushed by the down path, popped by the up path
         self.down_blocks = nn.ModuleList(self._down_block(level, skip_channels) for level in range(len(ch)))
         self.mid_block = self._mid_block() if config.mid_block_type else None
@@ -307,12 +389,13 @@ class UNet(LoRAHost, nn.Module):
             output_scale_factor=scale,
         )
 
-    def _attention(self, kind: str, level: int, scale: float = 1.0, groups: int | None = None) -> nn.Module:
+    def _attention(
+        self, kind: str, level: int, *, depth: int = 1, scale: float = 1.0, groups: int | None = None
+    ) -> nn.Module:
         c = self.config
         ch = c.block_out_channels[level]
         heads, dim = c.attention_shape(level)
         if kind == "cross":
-            depth = c.per_block("transformer_layers_per_block")[level]
             return Transformer2D(
                 ch,
                 heads,
@@ -336,7 +419,8 @@ class UNet(LoRAHost, nn.Module):
         ch, kind = c.block_out_channels, DOWN_BLOCKS[c.down_block_types[level]]
         layers, last = c.per_block("layers_per_block")[level], level == len(ch) - 1
         resnets = [self._resnet(ch[max(level - 1, 0)] if i == 0 else ch[level], ch[level]) for i in range(layers)]
-        attentions = [self._attention(kind, level) for _ in range(layers)] if kind else None
+        depths = c.transformer_depths("down", level)
+        attentions = [self._attention(kind, level, depth=depth) for depth in depths] if kind else None
         downsampler = None if last else Downsample2D(ch[level], padding=c.downsample_padding)
         skip_channels += [ch[level]] * (layers if last else layers + 1)
         return DownBlock(resnets, attentions, downsampler)
@@ -344,7 +428,8 @@ class UNet(LoRAHost, nn.Module):
     def _mid_block(self) -> MidBlock:
         c = self.config
         ch, kind, scale = c.block_out_channels[-1], MID_BLOCKS[c.mid_block_type], c.mid_block_scale_factor
-        attention = self._attention(kind, len(c.block_out_channels) - 1, scale, groups=c.attn_norm_num_groups)
+        level, (depth,) = len(c.block_out_channels) - 1, c.transformer_depths("mid")
+        attention = self._attention(kind, level, depth=depth, scale=scale, groups=c.attn_norm_num_groups)
         if kind == "self" and not c.mid_attention_norm:
             attention.group_norm = nn.Identity()  # diffusers' UNet2DModel with scale_shift: attention without norm
         return MidBlock([self._resnet(ch, ch, scale), self._resnet(ch, ch, scale)], attention)
@@ -358,7 +443,8 @@ class UNet(LoRAHost, nn.Module):
         for _ in range(layers):
             resnets.append(self._resnet(in_ch + skip_channels.pop(), ch[level]))
             in_ch = ch[level]
-        attentions = [self._attention(kind, level) for _ in range(layers)] if kind else None
+        depths = c.transformer_depths("up", index)
+        attentions = [self._attention(kind, level, depth=depth) for depth in depths] if kind else None
         return UpBlock(resnets, attentions, Upsample2D(ch[level]) if level > 0 else None)
 
     @property
@@ -371,10 +457,23 @@ class UNet(LoRAHost, nn.Module):
         t: Tensor | float,
         encoder_hidden_states: Tensor | None = None,
         class_labels: Tensor | None = None,
+        *,
+        text_embeds: Tensor | None = None,
+        time_ids: Tensor | None = None,
+        added_cond_kwargs: dict[str, Tensor] | None = None,
     ) -> Tensor:
-        """Output for noisy ``x`` at timesteps ``t`` (scalar or (B,)), computed in the weights' dtype, in x's dtype."""
+        """Output for noisy ``x`` at timesteps ``t`` (scalar or (B,)), computed in the weights' dtype, in x's dtype.
+
+        ``text_embeds`` (B, width) and ``time_ids`` (B, ids): SDXL's pooled text embedding and its size and crop
+        conditioning (original h, w, crop top, left, target h, w; the refiner: original h, w, crop top, left,
+        aesthetic score), for ``addition_embed_type="text_time"``; ``added_cond_kwargs``: the same as diffusers'
+        dict."""
+        text_embeds, time_ids = _added_conditions(text_embeds, time_ids, added_cond_kwargs)
         self._check_inputs(x, encoder_hidden_states, class_labels)
+        self._check_added(x.shape[0], text_embeds, time_ids)
         temb = self._embed(t, x, class_labels)
+        if self.add_embedding is not None:
+            temb = temb + self._added_embedding(text_embeds, time_ids)
         context = encoder_hidden_states.to(self.dtype) if encoder_hidden_states is not None else None
         h = self.conv_in(x.to(self.dtype))
         skips = [h]
@@ -411,6 +510,32 @@ class UNet(LoRAHost, nn.Module):
         if self.class_embedding is not None:
             temb = temb + self.class_embedding(class_labels).to(temb.dtype)
         return temb
+
+    def _added_embedding(self, text_embeds: Tensor, time_ids: Tensor) -> Tensor:
+        """SDXL's micro-conditioning (Podell et al. 2023, sec. 2.2): each time id embedded like a timestep, after the
+        pooled text embedding, through ``add_embedding``."""
+        c = self.config
+        ids = timestep_embedding(
+            time_ids.reshape(-1), c.addition_time_embed_dim, flip_sin_to_cos=c.flip_sin_to_cos, freq_shift=c.freq_shift
+        ).reshape(time_ids.shape[0], -1)
+        return self.add_embedding(torch.cat([text_embeds.to(self.dtype), ids.to(self.dtype)], dim=-1))
+
+    def _check_added(self, batch: int, text_embeds: Tensor | None, time_ids: Tensor | None) -> None:
+        c = self.config
+        if c.addition_embed_type is None:
+            why = "this model has no added text/time embedding (addition_embed_type=None)"
+            _check_conditioning("text_embeds", text_embeds, None, why)
+            _check_conditioning("time_ids", time_ids, None, why)
+            return
+        _check_conditioning("text_embeds", text_embeds, (batch, "width"), "")
+        width, per_id = c.projection_class_embeddings_input_dim, c.addition_time_embed_dim
+        ids, rest = divmod(width - text_embeds.shape[1], per_id)
+        if ids < 1 or rest:
+            raise ValueError(
+                f"text_embeds has shape {tuple(text_embeds.shape)}; its width plus {per_id} "
+                f"(addition_time_embed_dim) per time id must make projection_class_embeddings_input_dim={width}"
+            )
+        _check_conditioning("time_ids", time_ids, (batch, ids), "")
 
     def _check_inputs(self, x: Tensor, context: Tensor | None, class_labels: Tensor | None) -> None:
         c = self.config

@@ -1,7 +1,8 @@
 """Translation of diffusers' ``UNet2DModel`` / ``UNet2DConditionModel`` config.json into ``UNetConfig`` fields.
 
 Quirk handled here: in ``UNet2DConditionModel`` the key ``attention_head_dim`` holds the NUMBER of heads of the
-transformer blocks (unless ``num_attention_heads`` is set); in ``UNet2DModel`` it is the head dimension.
+transformer blocks (unless ``num_attention_heads`` is set); in ``UNet2DModel`` it is the head dimension. SDXL's
+``attention_head_dim: [5, 10, 20]`` is thus 5, 10 and 20 heads of 64 channels.
 """
 
 from __future__ import annotations
@@ -48,6 +49,10 @@ DIFFUSERS_DEFAULTS: dict[str, dict[str, Any]] = {
         "cross_attention_dim": 1280,
         "use_linear_projection": False,
         "transformer_layers_per_block": 1,
+        "reverse_transformer_layers_per_block": None,
+        "addition_embed_type": None,
+        "addition_time_embed_dim": None,
+        "projection_class_embeddings_input_dim": None,
     },
 }
 
@@ -63,11 +68,8 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "only_cross_attention": (False,),
     "mid_block_only_cross_attention": (None, False),
     "dual_cross_attention": (False,),
-    "reverse_transformer_layers_per_block": (None,),
     "encoder_hid_dim": (None,),
     "encoder_hid_dim_type": (None,),
-    "addition_embed_type": (None,),
-    "addition_time_embed_dim": (None,),
     "resnet_skip_time_act": (False,),
     "resnet_out_scale_factor": (1.0,),
     "time_embedding_act_fn": (None,),
@@ -75,14 +77,15 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "time_cond_proj_dim": (None,),
     "conv_in_kernel": (3,),
     "conv_out_kernel": (3,),
-    "projection_class_embeddings_input_dim": (None,),
     "attention_type": ("default",),
     "class_embeddings_concat": (False,),
     "cross_attention_norm": (None,),
 }
 
-# Keys without effect on a supported model: the first two only act with options refused above; upcast_attention
-# (SD 2.1) asks for fp32 attention scores, which our SDPA (fp32 accumulation) and chunked (fp32 softmax) paths give.
+# Keys without effect on a supported model: addition_embed_type_num_heads only acts with addition_embed_type "text"
+# or "text_image" (refused by UNetConfig), num_train_timesteps nowhere in the network. upcast_attention (SD 2.1;
+# None or False in SDXL) asks for fp32 attention scores; diffusers' default SDPA processor ignores it as well, and
+# SDPA kernels accumulate the scores in fp32 (our chunked path forms them in the weights' dtype, softmax in fp32).
 IGNORED = ("addition_embed_type_num_heads", "num_train_timesteps", "upcast_attention")
 
 _COPIED = (
@@ -165,6 +168,10 @@ def _conditional_fields(cfg: dict[str, Any]) -> dict[str, Any]:
         "cross_attention_dim": _one_value("cross_attention_dim", cfg["cross_attention_dim"]) if cross else None,
         "use_linear_projection": cfg["use_linear_projection"],
         "transformer_layers_per_block": cfg["transformer_layers_per_block"],
+        "reverse_transformer_layers_per_block": cfg["reverse_transformer_layers_per_block"],
+        "addition_embed_type": cfg["addition_embed_type"],
+        "addition_time_embed_dim": cfg["addition_time_embed_dim"],
+        "projection_class_embeddings_input_dim": cfg["projection_class_embeddings_input_dim"],
     }
 
 
