@@ -18,7 +18,7 @@ PLANES = {
     "metrics": 3, "safety": 3,
     "pipeline": 4,
     "train": 5, "eval": 5, "serve": 5,
-    "cli": 6, "cli_safety": 6, "__init__": 6, "weights": 6,
+    "cli": 6, "cli_safety": 6, "cli_convert": 6, "__init__": 6, "weights": 6,
 }  # fmt: skip
 
 

@@ -22,6 +22,7 @@ from typing import Any, NoReturn
 import torch
 from PIL import Image
 
+from unnoise.cli_convert import add_parser as add_convert_parser
 from unnoise.cli_safety import add_parser as add_safety_parser
 from unnoise.core.samplers import SAMPLERS
 from unnoise.core.schedules import SPACINGS
@@ -101,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(commands)
     add_serve_parser(commands)
     add_safety_parser(commands)
+    add_convert_parser(commands)
     return parser
 
 
@@ -175,8 +177,9 @@ def _add_generate(commands: Any) -> None:
     p.add_argument("--negative", metavar="TEXT", help="negative prompt")
     p.add_argument("--seed", type=int, metavar="S", help="seed of the first image (default: random)")
     p.add_argument("--size", type=_size, metavar="WxH", help="width x height in pixels (default: the model's)")
-    p.add_argument("--model", type=Path, metavar="DIR", help="a diffusers Stable Diffusion folder or an unnoise "
-                   "pipeline folder (default: the embedded default model)")  # fmt: skip
+    p.add_argument("--model", type=Path, metavar="PATH", help="a diffusers Stable Diffusion or SDXL folder, an "
+                   "unnoise pipeline folder or a single-file SD 1.x/2.x checkpoint (.safetensors; default: the "
+                   "embedded default model)")  # fmt: skip
     p.add_argument("--init-image", type=Path, metavar="F", help="image-to-image from this image")
     p.add_argument("--strength", type=float, metavar="X", help="share of the steps to run from --init-image, (0, 1]")
     p.add_argument("--mask", type=Path, metavar="F", help="inpaint where this image is white (needs --init-image)")

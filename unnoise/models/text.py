@@ -75,6 +75,10 @@ class TextEncoder(LoRAHost, nn.Module):
     def lora_root(self) -> nn.Module:
         return self.model
 
+    def lora_networks(self) -> dict[str, nn.Module]:
+        """The network a pipeline's LoRA file names for this encoder, by the file's name for it."""
+        return {self.lora_network: self.model}
+
     @property
     def dim(self) -> int:
         """Width D of the hidden states and of the pooled embedding."""
@@ -94,8 +98,9 @@ class TextEncoder(LoRAHost, nn.Module):
         self.model.eval()
         return self
 
-    def encode(self, prompts: Sequence[str]) -> TextEmbedding:
-        """Encode a list of prompts, each padded (or truncated, with a warning) to ``max_length`` tokens."""
+    def encode(self, prompts: Sequence[str], *, grad: bool = False) -> TextEmbedding:
+        """Encode a list of prompts, each padded (or truncated, with a warning) to ``max_length`` tokens; ``grad``
+        keeps the autograd graph (a trainer's LoRA on the encoder)."""
         prompts = _checked_prompts(prompts)
         self._warn_truncated(prompts)
         tokens = self.tokenizer(
@@ -103,7 +108,7 @@ class TextEncoder(LoRAHost, nn.Module):
         )
         input_ids = tokens["input_ids"].to(self.device)
         attention_mask = tokens["attention_mask"].to(self.device)
-        with torch.no_grad():
+        with torch.set_grad_enabled(grad):
             hidden_states, pooled = self._forward(input_ids, attention_mask)
         return TextEmbedding(hidden_states, attention_mask.bool(), pooled)
 
@@ -170,39 +175,139 @@ class CLIPTextEncoder(TextEncoder):
     (diffusers' ``clip_skip``; AUTOMATIC1111's "Clip skip" setting is ``k + 1``). The pooled embedding always
     comes from the last layer. The attention mask is returned, but SD's U-Net does not use it, and the CLIP
     model sees it only when its config sets ``use_attention_mask`` (as in diffusers).
+
+    ``penultimate=True`` is SDXL's convention: the hidden state ``clip_skip + 1`` layers before the last, without
+    the final layer norm; a model with a text projection (``CLIPTextModelWithProjection``, SDXL's OpenCLIP-bigG)
+    pools through it.
     """
 
-    def __init__(self, model: nn.Module, tokenizer: Any, *, clip_skip: int = 0) -> None:
+    def __init__(self, model: nn.Module, tokenizer: Any, *, clip_skip: int = 0, penultimate: bool = False) -> None:
         layers = model.config.num_hidden_layers
-        if not isinstance(clip_skip, int) or not 0 <= clip_skip < layers:
-            raise ValueError(f"clip_skip must be an int in [0, {layers - 1}] for this model, got {clip_skip!r}")
+        top = layers - 1 if penultimate else layers
+        if not isinstance(clip_skip, int) or not 0 <= clip_skip < top:
+            raise ValueError(f"clip_skip must be an int in [0, {top - 1}] for this model, got {clip_skip!r}")
         limit = model.config.max_position_embeddings
         super().__init__(model, tokenizer, max_length=tokenizer.model_max_length, limit=limit)
-        self.clip_skip = clip_skip
+        self.clip_skip, self.penultimate = clip_skip, penultimate
+
+    @property
+    def pooled_dim(self) -> int:
+        """Width of the pooled embedding: the projection's with one, else the hidden states'."""
+        return getattr(self.model.config, "projection_dim", self.dim) if self._projects else self.dim
+
+    @property
+    def _projects(self) -> bool:
+        return hasattr(self.model, "text_projection")
 
     @classmethod
     def from_folder(
-        cls, text_encoder_dir: str | Path, tokenizer_dir: str | Path, *, clip_skip: int = 0
+        cls, text_encoder_dir: str | Path, tokenizer_dir: str | Path, *, clip_skip: int = 0, penultimate: bool = False
     ) -> CLIPTextEncoder:
-        """Load diffusers' ``text_encoder/`` (``CLIPTextModel``) and ``tokenizer/`` folders; no network access."""
+        """Load diffusers' ``text_encoder/`` (``CLIPTextModel``, or ``CLIPTextModelWithProjection`` as its config
+        names it) and ``tokenizer/`` folders; no network access."""
         transformers = import_transformers()
+        folder = Path(text_encoder_dir)
+        config = folder / "config.json"
+        architectures = json.loads(config.read_text()).get("architectures") or [] if config.is_file() else []
+        kind = "CLIPTextModelWithProjection" if "CLIPTextModelWithProjection" in architectures else "CLIPTextModel"
         with quiet_transformers(transformers):
-            model = transformers.CLIPTextModel.from_pretrained(Path(text_encoder_dir), local_files_only=True)
+            model = getattr(transformers, kind).from_pretrained(folder, local_files_only=True)
             tokenizer = transformers.CLIPTokenizer.from_pretrained(Path(tokenizer_dir), local_files_only=True)
-        return cls(model, tokenizer, clip_skip=clip_skip)
+        return cls(model, tokenizer, clip_skip=clip_skip, penultimate=penultimate)
 
     def _forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
         use_mask = getattr(self.model.config, "use_attention_mask", False)
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask if use_mask else None,
-            output_hidden_states=self.clip_skip > 0,
+            output_hidden_states=self.clip_skip > 0 or self.penultimate,
         )
+        pooled = out.text_embeds if self._projects else out.pooler_output
+        if self.penultimate:
+            return out.hidden_states[-(self.clip_skip + 2)], pooled
         if self.clip_skip == 0:
-            return out.last_hidden_state, out.pooler_output
+            return out.last_hidden_state, pooled
         # transformers < 5 nests the tower under ``text_model``; 5.x flattened it into CLIPTextModel.
         final_layer_norm = getattr(self.model, "text_model", self.model).final_layer_norm
-        return final_layer_norm(out.hidden_states[-(self.clip_skip + 1)]), out.pooler_output
+        return final_layer_norm(out.hidden_states[-(self.clip_skip + 1)]), pooled
+
+
+class DualCLIPTextEncoder(nn.Module):
+    """SDXL's two text towers as one encoder: CLIP ViT-L and OpenCLIP ViT-bigG (with its projection), each taking
+    its penultimate hidden state without the final layer norm; the hidden states are concatenated along the width
+    (768 + 1280 = 2048) and the pooled embedding is bigG's projected one, as diffusers' SDXL pipelines encode.
+
+    ``first`` and ``second`` are ``CLIPTextEncoder``s (``penultimate=True``); LoRA files name them ``text_encoder``
+    and ``text_encoder_2`` (kohya: ``lora_te1_`` / ``lora_te2_``) and each loads its own part (``load_lora``). The
+    SDXL refiner has no ``first``: its hidden states are bigG's alone."""
+
+    def __init__(self, first: CLIPTextEncoder | None, second: CLIPTextEncoder) -> None:
+        super().__init__()
+        if first is not None and first.max_length != second.max_length:
+            raise ValueError(
+                f"the two tokenizers pad to {first.max_length} and {second.max_length} tokens; they must agree"
+            )
+        self.first, self.second = first, second
+        second.lora_network = "text_encoder_2"
+        self._empty: dict[tuple, TextEmbedding] = {}
+
+    @classmethod
+    def from_folders(
+        cls, first: tuple[str | Path, str | Path] | None, second: tuple[str | Path, str | Path], *, clip_skip: int = 0
+    ) -> DualCLIPTextEncoder:
+        """Load ``(text_encoder/, tokenizer/)`` and ``(text_encoder_2/, tokenizer_2/)`` of a diffusers SDXL folder."""
+        return cls(
+            CLIPTextEncoder.from_folder(*first, clip_skip=clip_skip, penultimate=True) if first else None,
+            CLIPTextEncoder.from_folder(*second, clip_skip=clip_skip, penultimate=True),
+        )
+
+    @property
+    def encoders(self) -> list[CLIPTextEncoder]:
+        return [e for e in (self.first, self.second) if e is not None]
+
+    @property
+    def max_length(self) -> int:
+        return self.second.max_length
+
+    @property
+    def dim(self) -> int:
+        return sum(e.dim for e in self.encoders)
+
+    @property
+    def pooled_dim(self) -> int:
+        return self.second.pooled_dim
+
+    @property
+    def clip_skip(self) -> int:
+        return self.second.clip_skip
+
+    @property
+    def device(self) -> torch.device:
+        return self.second.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.second.dtype
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.encoders[0].tokenizer
+
+    def encode(self, prompts: Sequence[str], *, grad: bool = False) -> TextEmbedding:
+        outs = [e.encode(prompts, grad=grad) for e in self.encoders]
+        hidden = torch.cat([o.hidden_states.to(outs[0].hidden_states.dtype) for o in outs], dim=-1)
+        return TextEmbedding(hidden, outs[0].attention_mask, outs[-1].pooled)
+
+    def empty(self) -> TextEmbedding:
+        key = (self.device, self.dtype, *(lora.state_key(e.model) for e in self.encoders))
+        if key not in self._empty:
+            self._empty = {key: self.encode([""])}
+        return self._empty[key]
+
+    def lora_networks(self) -> dict[str, nn.Module]:
+        """The networks LoRA files name: ``text_encoder`` (CLIP-L) and ``text_encoder_2`` (bigG)."""
+        first = {"text_encoder": self.first.lora_root()} if self.first is not None else {}
+        return first | {"text_encoder_2": self.second.lora_root()}
 
 
 def minilm_folder() -> Path:

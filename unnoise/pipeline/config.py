@@ -14,19 +14,28 @@ from unnoise.core.samplers import SAMPLERS
 from unnoise.core.schedules import BETA_KINDS, FINALS, INTERPOLATIONS, SPACINGS, VPSchedule, check_choice, check_steps
 from unnoise.models.config import ModelConfig
 
-TEXT_ENCODERS = ("minilm", "clip")
+TEXT_ENCODERS = ("minilm", "clip", "sdxl")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TextEncoderConfig(ModelConfig):
-    """Which text encoder: the bundled MiniLM, or CLIP from the folder's ``text_encoder/`` and ``tokenizer/``."""
+    """Which text encoder: the bundled MiniLM, CLIP from the folder's ``text_encoder/`` and ``tokenizer/``, or
+    SDXL's two towers (also ``text_encoder_2/`` and ``tokenizer_2/``)."""
 
     kind: str = "minilm"
     max_length: int = 77  # MiniLM only: tokens per prompt (CLIP uses its tokenizer's model_max_length)
     clip_skip: int = 0  # CLIP only: hidden state this many layers before the last
+    # SDXL: without a negative prompt the unconditional embeddings are zeros, not the empty prompt's (diffusers'
+    # ``force_zeros_for_empty_prompt``, true for SDXL base)
+    force_zeros_for_empty_prompt: bool = False
 
     def __post_init__(self) -> None:
         check_choice("text_encoder.kind", self.kind, TEXT_ENCODERS)
+        if not isinstance(self.force_zeros_for_empty_prompt, bool):
+            raise ValueError(
+                f"text_encoder.force_zeros_for_empty_prompt={self.force_zeros_for_empty_prompt!r} is not allowed; "
+                "allowed: true or false"
+            )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -27,7 +27,9 @@ class Request:
     ``image`` makes it img2img (``strength`` of the grid is run), ``mask`` too makes it inpainting (white is
     repainted); ``latents`` is unit initial noise of shape (num_images, C, height/f, width/f), as diffusers' argument.
     ``loras`` maps adapter names (loaded with ``Pipeline.load_lora`` or files of ``Pipeline.lora_dir``) to scales;
-    adapters it leaves out are off for this request.
+    adapters it leaves out are off for this request. ``original_size``, ``crops_coords_top_left``, ``target_size``
+    and the refiner's ``aesthetic_score`` / ``negative_aesthetic_score`` are SDXL's size conditioning (Podell et al.
+    2023), refused by models without it.
     Images ``i`` get seed ``seed + i`` (random when None), so an image is the same alone and in any batch.
     """
 
@@ -49,6 +51,12 @@ class Request:
     mask: ImageInput | None = None
     latents: Tensor | None = None
     loras: dict[str, float] | None = None  # LoRA adapters by name and scale, exactly these; None: the pipeline's
+    # SDXL micro-conditioning, (height, width) pairs as diffusers names them; None: (height, width) and (0, 0)
+    original_size: tuple[int, int] | None = None
+    crops_coords_top_left: tuple[int, int] | None = None
+    target_size: tuple[int, int] | None = None
+    aesthetic_score: float | None = None  # SDXL refiner: 6.0 by default (the negative branch gets 2.5)
+    negative_aesthetic_score: float | None = None
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
@@ -76,6 +84,8 @@ class ResolvedRequest:
     mask: Tensor | None  # (1, 1, H, W), 1 = repaint, binarized at 0.5 as diffusers does
     latents: Tensor | None
     loras: tuple[tuple[str, float], ...] = ()  # the adapters that run, by name, with their scales (none at 0)
+    time_ids: tuple[float, ...] | None = None  # SDXL: the conditional branch's size (and aesthetic) conditioning
+    negative_time_ids: tuple[float, ...] | None = None
 
     @property
     def batch_key(self) -> tuple[Any, ...]:
@@ -132,8 +142,48 @@ def resolve_request(pipe: Any, request: Request) -> ResolvedRequest:
     return ResolvedRequest(
         args["prompt"], args["negative_prompt"], n, steps, sampler, scale, float(rescale),
         _interval(args["guidance_interval"]), seed, width, height, spacing, float(strength), image, mask, latents,
-        _loras(pipe, args["loras"]),
+        _loras(pipe, args["loras"]), *_time_ids(pipe, args, width, height),
     )  # fmt: skip
+
+
+MICRO_CONDITIONING = ("original_size", "crops_coords_top_left", "target_size", "aesthetic_score",
+                      "negative_aesthetic_score")  # fmt: skip
+AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE = 6.0, 2.5  # diffusers' refiner defaults
+
+
+def _time_ids(pipe: Any, args: dict[str, Any], width: int, height: int) -> tuple[tuple | None, tuple | None]:
+    """SDXL's time ids of the conditional and unconditional branches: original size, crop top-left, then target
+    size (base) or aesthetic score (refiner), as diffusers' SDXL pipelines build them; (None, None) elsewhere."""
+    count = pipe.time_id_count
+    if count is None:
+        given = [name for name in MICRO_CONDITIONING if args[name] is not None]
+        if given:
+            raise _fail(given[0], args[given[0]], "this model has no size conditioning (an SDXL U-Net has)")
+        return None, None
+    pairs = {}
+    for name, default in (("original_size", (height, width)), ("crops_coords_top_left", (0, 0)),
+                          ("target_size", (height, width))):  # fmt: skip
+        value = default if args[name] is None else args[name]
+        ok = isinstance(value, tuple | list) and len(value) == 2 and all(is_int(v) and v >= 0 for v in value)
+        if not ok:
+            raise _fail(name, value, "expected a (height, width) pair of integers >= 0, or None")
+        pairs[name] = tuple(int(v) for v in value)
+    scores = []
+    for name, default in (("aesthetic_score", AESTHETIC_SCORE), ("negative_aesthetic_score", NEGATIVE_AESTHETIC_SCORE)):
+        value = default if args[name] is None else args[name]
+        if not is_number(value):
+            raise _fail(name, value, "expected a finite number, or None")
+        scores.append(float(value))
+    head = (*pairs["original_size"], *pairs["crops_coords_top_left"])
+    if count == 6:
+        for name in ("aesthetic_score", "negative_aesthetic_score"):
+            if args[name] is not None:
+                raise _fail(name, args[name], "this model takes a target size, not an aesthetic score (a refiner does)")
+        ids = tuple(float(v) for v in (*head, *pairs["target_size"]))
+        return ids, ids
+    if args["target_size"] is not None:
+        raise _fail("target_size", args["target_size"], "this model (a refiner) takes an aesthetic score instead")
+    return tuple(float(v) for v in (*head, scores[0])), tuple(float(v) for v in (*head, scores[1]))
 
 
 def _loras(pipe: Any, loras: Any) -> tuple[tuple[str, float], ...]:

@@ -33,8 +33,22 @@ from unnoise.models import lora
 from unnoise.models.packing import prepare_for_inference
 from unnoise.models.text import MiniLMEncoder, TextEncoder
 from unnoise.pipeline.config import PipelineConfig, sampling_grid
-from unnoise.pipeline.inputs import BATCH_KEY_FIELDS, Request, ResolvedRequest, resolve_request
-from unnoise.pipeline.loading import Components, load_components, resolve_model, save_components
+from unnoise.pipeline.inputs import (
+    AESTHETIC_SCORE,
+    BATCH_KEY_FIELDS,
+    NEGATIVE_AESTHETIC_SCORE,
+    Request,
+    ResolvedRequest,
+    resolve_request,
+)
+from unnoise.pipeline.loading import (
+    Components,
+    SingleFileInfo,
+    load_components,
+    load_single_file,
+    resolve_model,
+    save_components,
+)
 from unnoise.pipeline.png import add_provenance, format_parameters, to_pil
 from unnoise.safety import PROVENANCE_INFO, SafetyChecker, SafetyConfig
 
@@ -69,16 +83,19 @@ class KnownRegion(nn.Module):
 
 
 class UNetDenoiserModel(nn.Module):
-    """The U-Net as a ``VPDenoiser`` model; an inpainting U-Net gets ``[mask, masked-image latents]`` appended."""
+    """The U-Net as a ``VPDenoiser`` model; an inpainting U-Net gets ``[mask, masked-image latents]`` appended, an
+    SDXL U-Net its pooled text embedding and time ids."""
 
     def __init__(self, unet: nn.Module):
         super().__init__()
         self.unet = unet
 
-    def forward(self, x: Tensor, t: Tensor, encoder_hidden_states: Tensor, inpaint: Tensor | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, t: Tensor, encoder_hidden_states: Tensor, inpaint: Tensor | None = None, **added: Tensor
+    ) -> Tensor:
         if inpaint is not None:
             x = torch.cat([x, inpaint.to(x.dtype)], dim=1)
-        return self.unet(x, t, encoder_hidden_states=encoder_hidden_states)
+        return self.unet(x, t, encoder_hidden_states=encoder_hidden_states, **added)  # SDXL: text_embeds, time_ids
 
 
 @dataclasses.dataclass
@@ -124,6 +141,7 @@ class Pipeline:
         # ``generate``; the CLI and the server turn it on (``enable_safety``), the library leaves it to the caller.
         self.safety: SafetyChecker | None = None
         self._hash: str | None = None
+        self.single_file: SingleFileInfo | None = None  # what a single-file checkpoint was detected to be
         self._loras: dict[str, lora.LoadedLoRA] = {}  # adapters by name, in loading order
         self._lora_scales: dict[str, float] = {}
         self.lora_dir: Path | None = None  # LoRA files a request may name without loading them first
@@ -138,6 +156,14 @@ class Pipeline:
                 f"U-Net cross_attention_dim={c.cross_attention_dim} differs from the text encoder's width "
                 f"{text_encoder.dim}"
             )
+        if c.addition_embed_type == "text_time":
+            pooled = getattr(text_encoder, "pooled_dim", text_encoder.dim)
+            ids, rest = divmod(c.projection_class_embeddings_input_dim - pooled, c.addition_time_embed_dim)
+            if rest or ids not in (5, 6):
+                raise ValueError(
+                    f"U-Net projection_class_embeddings_input_dim={c.projection_class_embeddings_input_dim} does not "
+                    f"fit the text encoder's pooled width {pooled} plus 5 or 6 time ids of {c.addition_time_embed_dim}"
+                )
 
     # -- loading, saving, placement ------------------------------------------------------------------------------
 
@@ -147,15 +173,40 @@ class Pipeline:
     ) -> Pipeline:
         """Load our folder (``pipeline.json``), a diffusers Stable Diffusion folder (``model_index.json``), or
         ``"default"``: the embedded MNIST text-to-image model."""
-        parts = load_components(path)
-        pipe = cls(
-            parts.unet,
-            parts.vae,
-            parts.text_encoder,
-            parts.config,
-            name=resolve_model(path).name,
-            unet_weights=parts.unet_weights,
+        found = resolve_model(path)
+        if found.is_file():
+            return cls.from_single_file(found, device=device, dtype=dtype)
+        return cls._of(load_components(found), found.name, device, dtype)
+
+    @classmethod
+    def from_single_file(
+        cls,
+        path: str | Path,
+        *,
+        prediction: str | None = None,
+        config: str | Path | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        allow_pickle: bool = False,
+        ema: bool = False,
+    ) -> Pipeline:
+        """Load a single-file Stable Diffusion 1.x/2.x (or inpainting) checkpoint in the original layout
+        (``loading.load_single_file``: the family from its keys, configs shipped per family or from ``config=``, a
+        diffusers or unnoise folder). ``prediction`` overrides the detected prediction type; what was detected and
+        why is logged, kept in ``pipe.single_file`` and written into each image's parameters. ``.ckpt`` pickles load
+        only with ``allow_pickle=True``; ``ema=True`` takes the file's EMA U-Net weights."""
+        parts = load_single_file(
+            path, prediction=prediction, config=config, dtype=dtype, allow_pickle=allow_pickle, ema=ema
         )
+        pipe = cls._of(parts, Path(path).stem, device, None)
+        pipe.single_file = parts.single_file
+        return pipe
+
+    @classmethod
+    def _of(
+        cls, parts: Components, name: str, device: str | torch.device | None, dtype: torch.dtype | None
+    ) -> Pipeline:
+        pipe = cls(parts.unet, parts.vae, parts.text_encoder, parts.config, name=name, unet_weights=parts.unet_weights)
         return pipe.to(device, dtype) if device is not None or dtype is not None else pipe
 
     def save_pretrained(self, path: str | Path) -> None:
@@ -188,6 +239,16 @@ class Pipeline:
     def num_train_timesteps(self) -> int:
         schedule = self.config.schedule
         return len(schedule.trained_betas) if schedule.trained_betas is not None else schedule.num_train_timesteps
+
+    @property
+    def time_id_count(self) -> int | None:
+        """SDXL's time ids per image: 6 (sizes and crop: base), 5 (sizes, crop, aesthetic score: refiner), None for
+        a U-Net without size conditioning."""
+        c = self.unet.config
+        if c.addition_embed_type != "text_time":
+            return None
+        pooled = getattr(self.text_encoder, "pooled_dim", self.text_encoder.dim)
+        return (c.projection_class_embeddings_input_dim - pooled) // c.addition_time_embed_dim
 
     @property
     def latent_factor(self) -> int:
@@ -228,7 +289,7 @@ class Pipeline:
     # -- LoRA -----------------------------------------------------------------------------------------------------
 
     def _lora_networks(self) -> dict[str, nn.Module]:
-        return {"unet": self.unet, "text_encoder": self.text_encoder.lora_root()}
+        return {"unet": self.unet, **self.text_encoder.lora_networks()}
 
     def load_lora(
         self,
@@ -441,12 +502,27 @@ class Pipeline:
         negative prompt or guidance is off), each distinct text encoded once, and the inpainting channels."""
         negatives = [None if r.guidance_scale == 1.0 else r.negative_prompt for r in reqs]
         texts = sorted({r.prompt for r in reqs} | {n for n in negatives if n is not None})
-        encoded = dict(zip(texts, self.text_encoder.encode(texts).hidden_states.to(self.device), strict=True))
-        empty = self.text_encoder.empty().hidden_states[0].to(self.device)
-        hidden = [encoded[r.prompt].expand(r.num_images, -1, -1) for r in reqs]
-        negative = [(empty if n is None else encoded[n]).expand(r.num_images, -1, -1) for r, n in zip(reqs, negatives)]
-        cond = {"encoder_hidden_states": torch.cat(hidden)}
-        uncond = {"encoder_hidden_states": torch.cat(negative)}
+        out = self.text_encoder.encode(texts)
+        encoded = dict(zip(texts, zip(out.hidden_states.to(self.device), out.pooled.to(self.device)), strict=True))
+        if self.config.text_encoder.force_zeros_for_empty_prompt:  # SDXL base: zeros, not the empty prompt's states
+            first = next(iter(encoded.values()))
+            empty = (torch.zeros_like(first[0]), torch.zeros_like(first[1]))
+        else:
+            blank = self.text_encoder.empty()
+            empty = (blank.hidden_states[0].to(self.device), blank.pooled[0].to(self.device))
+        pos = [encoded[r.prompt] for r in reqs]
+        neg = [empty if n is None else encoded[n] for n in negatives]
+        counts = [r.num_images for r in reqs]
+
+        def images(parts: list[Tensor]) -> Tensor:  # each request's tensor once per image
+            return torch.cat([t.expand(n, *t.shape) for t, n in zip(parts, counts, strict=True)])
+
+        cond = {"encoder_hidden_states": images([p[0] for p in pos])}
+        uncond = {"encoder_hidden_states": images([p[0] for p in neg])}
+        if self.time_id_count is not None:
+            cond["text_embeds"], uncond["text_embeds"] = images([p[1] for p in pos]), images([p[1] for p in neg])
+            cond["time_ids"] = images([torch.tensor(r.time_ids, device=self.device) for r in reqs])
+            uncond["time_ids"] = images([torch.tensor(r.negative_time_ids, device=self.device) for r in reqs])
         if starts[0].inpaint is not None:
             cond["inpaint"] = uncond["inpaint"] = torch.cat([start.inpaint for start in starts])
         return cond, uncond
@@ -455,18 +531,21 @@ class Pipeline:
         """One request's generators, initial state, inpainting U-Net channels and (latent mask, z0) for
         ``KnownRegion``.
 
-        Image i's generator is seeded ``seed + i`` and draws, in order: its posterior sample of the image, its
-        initial noise, its posterior sample of the masked image (inpainting U-Nets); the sampler's noise follows.
+        Image i's generator is seeded ``seed + i`` and draws, in order: its posterior sample of the image (unless an
+        inpainting U-Net starts from pure noise), its initial noise, its posterior sample of the masked image
+        (inpainting U-Nets); the sampler's noise follows. This is diffusers' order.
         """
         generators = [torch.Generator().manual_seed(req.seed + i) for i in range(req.num_images)]
         n, c, f = req.num_images, self.vae.config.latent_channels, self.vae_factor
         shape = (n, c, req.height // f, req.width // f)
-        z0 = self._encode(req.image, generators) if req.image is not None else None
+        inpainting_model = self.unet.config.in_channels != c
+        pure_noise = req.image is None or (req.mask is not None and req.strength == 1.0)  # as diffusers' inpainting
+        # an inpainting U-Net starting from pure noise never uses the image's latents: diffusers draws none for them
+        skip_z0 = req.image is None or (pure_noise and inpainting_model)
+        z0 = None if skip_z0 else self._encode(req.image, generators)
         noise = req.latents if req.latents is not None else randn_like(torch.empty(shape), generators)
         noise = noise.to(self.device, torch.float32)
-        pure_noise = z0 is None or (req.mask is not None and req.strength == 1.0)  # as diffusers' inpainting
         x = noise * prior_std if pure_noise else z0 + sigmas[0].item() * noise
-        inpainting_model = self.unet.config.in_channels != c
         if req.mask is None and not inpainting_model:
             return _Start(generators, x)
         mask = req.mask if req.mask is not None else torch.ones(1, 1, req.height, req.width)
@@ -516,6 +595,31 @@ class Pipeline:
         pixels = self.vae.decode(self.vae.from_latent(latents.to(self.device, self.vae.dtype))).float()
         return to_pil(pixels)
 
+    def _extra(self, req: ResolvedRequest) -> dict[str, str] | None:
+        """Parameters beyond AUTOMATIC1111's: given noise, and a single file's detected prediction type."""
+        extra = {"Initial noise": "given latents"} if req.latents is not None else {}
+        if self.single_file is not None:
+            extra["Prediction"] = f"{self.single_file.prediction} ({self.single_file.prediction_source})"
+        return extra or None
+
+    def _micro_conditioning(self, req: ResolvedRequest) -> dict[str, Any]:
+        """SDXL's size, crop and aesthetic conditioning where it differs from the defaults, for the PNG parameters."""
+        if req.time_ids is None:
+            return {}
+        ids, size = [int(v) for v in req.time_ids[:4]], (req.height, req.width)
+        out: dict[str, Any] = {}
+        if tuple(ids[:2]) != size:
+            out["original_size"] = tuple(ids[:2])
+        if tuple(ids[2:4]) != (0, 0):
+            out["crops_coords_top_left"] = tuple(ids[2:4])
+        if len(req.time_ids) == 6 and tuple(int(v) for v in req.time_ids[4:]) != size:
+            out["target_size"] = tuple(int(v) for v in req.time_ids[4:])
+        if len(req.time_ids) == 5:
+            scores = (req.time_ids[4], req.negative_time_ids[4])
+            if scores != (AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE):
+                out["aesthetic_score"], out["negative_aesthetic_score"] = scores
+        return out
+
     def _parameters(self, req: ResolvedRequest, i: int) -> str:
         params: dict[str, Any] = dict(
             prompt=req.prompt,
@@ -534,8 +638,9 @@ class Pipeline:
             spacing=req.spacing,
             batch_size=req.num_images if req.num_images > 1 else None,
             batch_pos=i if req.num_images > 1 else None,
-            extra={"Initial noise": "given latents"} if req.latents is not None else None,
+            extra=self._extra(req),
             loras=dict(req.loras),
+            **self._micro_conditioning(req),
             lora_hashes={n: self._loras[n].hash for n, _ in req.loras if self._loras[n].hash is not None},
         )
         return format_parameters(params)

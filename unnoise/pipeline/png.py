@@ -44,10 +44,17 @@ _FIELDS: list[tuple[str, str, Any]] = [
     ("batch_size", "Batch size", int),
     ("batch_pos", "Batch pos", int),
     ("lora_hashes", "Lora hashes", lambda v: _parse_lora_hashes(v)),
+    ("original_size", "Original size", lambda v: tuple(json.loads(v))),
+    ("crops_coords_top_left", "Crop top left", lambda v: tuple(json.loads(v))),
+    ("target_size", "Target size", lambda v: tuple(json.loads(v))),
+    ("aesthetic_score", "Aesthetic score", float),
+    ("negative_aesthetic_score", "Negative aesthetic score", float),
 ]
+_PAIRS = ("guidance_interval", "original_size", "crops_coords_top_left", "target_size")  # written as JSON lists
 # The parsed keys that are keyword arguments of Pipeline.__call__ (with the image's own seed).
 CALL_KEYS = ("prompt", "negative_prompt", "steps", "sampler", "guidance_scale", "seed", "width", "height", "spacing")
-CALL_KEYS += ("guidance_rescale", "guidance_interval", "strength", "loras")
+CALL_KEYS += ("guidance_rescale", "guidance_interval", "strength", "loras", "original_size", "crops_coords_top_left")
+CALL_KEYS += ("target_size", "aesthetic_score", "negative_aesthetic_score")
 _SAMPLERS_BACK = {v: k for k, v in A1111_SAMPLERS.items()}
 _BY_LABEL = {label: (key, parse) for key, label, parse in _FIELDS}
 # AUTOMATIC1111's pattern for one "Key: value" pair of the last line (modules/infotext_utils.py).
@@ -100,6 +107,9 @@ def format_parameters(params: dict[str, Any]) -> str:
         values["schedule_type"] = A1111_SCHEDULES[values["spacing"]]
     if values.get("guidance_interval") is not None:
         values["guidance_interval"] = json.dumps([float(v) for v in values["guidance_interval"]])
+    for key in _PAIRS[1:]:
+        if values.get(key) is not None:
+            values[key] = json.dumps([int(v) for v in values[key]])
     loras = values.get("loras") or {}  # name -> scale, written as AUTOMATIC1111 does: prompt tags and their hashes
     hashes = values.get("lora_hashes") or {}
     values["lora_hashes"] = ", ".join(f"{name}: {h}" for name, h in hashes.items()) if hashes else None
