@@ -244,3 +244,13 @@ def test_png_parameters_carry_the_micro_conditioning(ours):
     refined = ours["refiner"](PROMPT, steps=2, seed=0, image=input_image(32, 32), aesthetic_score=7.0)[0]
     kwargs, _ = call_arguments(parse_parameters(refined.info["parameters"]))
     assert (kwargs["aesthetic_score"], kwargs["negative_aesthetic_score"]) == (7.0, 2.5)
+
+
+def test_the_serving_planner_counts_both_text_towers(ours):
+    from unnoise.serve.vram import VramPlanner, module_bytes
+
+    base = ours["base"]
+    planner = VramPlanner(base, budget=2**40, max_batch=4)
+    towers = module_bytes(base.text_encoder.first) + module_bytes(base.text_encoder.second)
+    assert planner.weights >= module_bytes(base.unet, base.vae) + towers
+    assert planner.max_batch(32, 32) == 4 and planner.estimate(2, 32, 32).peak > planner.weights

@@ -57,9 +57,10 @@ class VramPlanner:
         """Bytes the networks hold between calls, LoRA adapters included (recounted when the adapters change: a
         ``--lora-dir`` file loads when a request first names it)."""
         pipe = self.pipe
-        key = (lora.state_key(pipe.unet), lora.state_key(pipe.text_encoder.lora_root()))
+        towers = list(pipe.text_encoder.lora_networks().values())  # SDXL has two
+        key = (lora.state_key(pipe.unet), *(lora.state_key(t) for t in towers))
         if self._weights is None or self._weights[0] != key:
-            text = module_bytes(pipe.text_encoder) + lora.held_bytes(pipe.text_encoder.lora_root())
+            text = module_bytes(pipe.text_encoder) + sum(lora.held_bytes(t) for t in towers)
             self._weights = (key, pipe.unet.resident_bytes() + pipe.vae.resident_bytes() + text)
         return self._weights[1]
 
