@@ -214,7 +214,7 @@ BAD = [
     (["--mask", "mask"], r"argument --mask: mask=.* needs an image"),
     (["--init-image", "image", "--strength", "1.5"], r"argument --strength: strength=1.5 .*\(0, 1\]"),
     (["--strength", "0.5"], r"argument --strength: 0.5 applies to --init-image, which is not given"),
-    (["--model", "notes"], r"argument --model: .*notes.txt is not a folder$"),
+    (["--model", "notes"], r"argument --model: .*notes.txt is a file but not a single-file checkpoint; allowed: "),
     (["--device", "gpu0"], r"argument --device: .*gpu0"),
     (["--from-png", "notes"], r"argument --from-png: cannot identify image file"),
     (["--from-png", "plain"], r"argument --from-png: .*plain.png has no 'parameters' text chunk"),
@@ -306,7 +306,7 @@ UNLOADABLE = {
     "non-utf8-pipeline-json": ("ours", "pipeline.json", _garble, "{path} " + NOT_UTF8),
     "non-utf8-scheduler-config": ("diffusers", "scheduler/scheduler_config.json", _garble, "{path} " + NOT_UTF8),
     "partial-diffusers-folder": ("diffusers", "model_index.json", _drop_vae,
-        "{path}: components ['vae'] are missing; a Stable Diffusion folder lists each of ['unet', 'vae', "
+        "{path}: components ['vae'] are missing; this folder needs each of ['unet', 'vae', "
         "'text_encoder', 'tokenizer', 'scheduler'] as [library, class]"),
     "missing-config": ("diffusers", "unet/config.json", Path.unlink, "{path} does not exist"),
     "missing-weights": ("diffusers", "unet/diffusion_pytorch_model.safetensors", Path.unlink,

@@ -301,6 +301,16 @@ def run_convert(*argv):
     args.run(args)
 
 
+def convert_all(path, folder, out) -> None:
+    """``path`` -> diffusers ``d`` -> single file ``s``; ``path`` -> unnoise ``u`` -> diffusers ``d2`` and single file
+    ``s2``, all in ``out``, through the CLI (``folder`` configures the file)."""
+    run_convert("convert", path, out / "d", "--to", "diffusers", "--config", folder)
+    run_convert("convert", out / "d", out / "s.safetensors", "--to", "single-file")
+    run_convert("convert", path, out / "u", "--to", "unnoise", "--config", folder)
+    run_convert("convert", out / "u", out / "d2", "--to", "diffusers")
+    run_convert("convert", out / "u", out / "s2.safetensors", "--to", "single-file")
+
+
 def tensors(path) -> dict:
     """Every tensor of a single file, or of a folder's three networks (text encoder keys without ``text_model.``)."""
     if path.is_file():
@@ -322,11 +332,7 @@ def assert_bit_exact(a: dict, b: dict):
 @pytest.mark.parametrize("case", ["sd1", "sd2", "sd1-inpainting"])
 def test_round_trips_are_bit_exact(cases, case, tmp_path):
     folder, path, _ = cases[case]
-    run_convert("convert", path, tmp_path / "d", "--to", "diffusers", "--config", folder)
-    run_convert("convert", tmp_path / "d", tmp_path / "s.safetensors", "--to", "single-file")
-    run_convert("convert", path, tmp_path / "u", "--to", "unnoise", "--config", folder)
-    run_convert("convert", tmp_path / "u", tmp_path / "d2", "--to", "diffusers")
-    run_convert("convert", tmp_path / "u", tmp_path / "s2.safetensors", "--to", "single-file")
+    convert_all(path, folder, tmp_path)
     original = tensors(folder)
     assert_bit_exact(tensors(tmp_path / "d"), original)
     assert_bit_exact(tensors(tmp_path / "d2"), original)
@@ -374,14 +380,21 @@ def test_pipeline_json_to_a_diffusers_scheduler_translates_back(scheduler):
     assert translate_scheduler(diffusers_scheduler_config(config)) == (schedule, prediction, sampling)
 
 
-def test_dtype_conversion_and_loading(cases, tmp_path):
-    folder, path, _ = cases["sd1"]
+def half_loaded_as_bf16(path, folder, tmp_path):
+    """``path`` converted to a float16 single file, loaded in bfloat16: the VAE (force_upcast, as Pipeline.to) and
+    the text encoders stay float32."""
     half = tmp_path / "half.safetensors"
     convert(path, half, to="single-file", dtype=torch.float16, config=folder)
     assert {v.dtype for v in load_file(half).values()} == {torch.float16}
     parts = load_single_file(half, config=folder, dtype=torch.bfloat16)
-    assert parts.unet.dtype == torch.bfloat16 and parts.vae.dtype == torch.float32  # force_upcast, as Pipeline.to
+    assert parts.unet.dtype == torch.bfloat16 and parts.vae.dtype == torch.float32
     assert parts.text_encoder.dtype == torch.float32
+    return parts
+
+
+def test_dtype_conversion_and_loading(cases, tmp_path):
+    folder, path, _ = cases["sd1"]
+    parts = half_loaded_as_bf16(path, folder, tmp_path)
     reference = load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")["conv_in.weight"]
     assert torch.equal(parts.unet.conv_in.weight, reference.half().bfloat16())
 
@@ -433,7 +446,7 @@ def test_shipped_family_configs_build_full_size_networks(cases):
     from unnoise.pipeline.loading import _networks, _read_configs
 
     for family, (channels, heads) in {"sd1": (768, 8), "sd2": (1024, 5)}.items():
-        configs = _read_configs([sf.FAMILY_CONFIGS / family])
+        configs = _read_configs([sf.FAMILY_CONFIGS / family], ("text_encoder",))
         nets = _networks(configs)
         assert nets["text_encoder"].config.hidden_size == channels and configs.unet.attention_shape(0)[0] == heads
         assert sum(p.numel() for p in nets["unet"].parameters()) in (859520964, 865910724)  # SD 1.5, SD 2.1 U-Nets
@@ -466,8 +479,8 @@ def test_bad_files_are_named(cases, tmp_path):
     torch.save({"state_dict": load_file(path)}, pickle)
     broken = tmp_path / "broken.ckpt"
     broken.write_bytes(pickle.read_bytes()[:1000])
-    sdxl = tmp_path / "sdxl.safetensors"
-    save_file({"conditioner.embedders.1.model.ln_final.weight": torch.zeros(2)}, str(sdxl))
+    flux = tmp_path / "flux.safetensors"
+    save_file({"model.diffusion_model.double_blocks.0.img_mod.lin.weight": torch.zeros(2)}, str(flux))
     missing = variant(path, tmp_path, "missing.safetensors", drop=[first])
     extra = variant(path, tmp_path, "extra.safetensors", add={"cond_stage_model.foo.weight": torch.zeros(1)})
     cases_ = {
@@ -475,7 +488,7 @@ def test_bad_files_are_named(cases, tmp_path):
         truncated: r"truncated\.safetensors is not a readable safetensors file \(truncated or damaged\?\)",
         pickle: r"model\.ckpt is a pickle, which can run arbitrary code .* allow_pickle=True",
         broken: r"broken\.ckpt is not a readable PyTorch pickle \(truncated or damaged\?\)",
-        sdxl: r"sdxl\.safetensors is a Stable Diffusion XL base checkpoint .* not supported yet",
+        flux: r"flux\.safetensors is a Flux checkpoint .* not supported; supported single files: .* SDXL refiner",
         missing: rf"missing\.safetensors: 1 missing keys: \['{re.escape(first)}'\]",
         extra: r"extra\.safetensors: 1 unknown keys: \['cond_stage_model\.foo\.weight'\]",
     }

@@ -24,10 +24,11 @@ def add_parser(commands: Any) -> None:
     p = commands.add_parser(
         "convert",
         help="convert a model between the single-file, diffusers and unnoise layouts",
-        description="Write SRC (a .safetensors/.ckpt single file of Stable Diffusion 1.x/2.x or their inpainting "
-        "variants, a diffusers folder or an unnoise pipeline folder) to DST in another layout, one tensor at a time. "
-        "Tensors are copied bit for bit unless --dtype converts them. A single file holds no configs: they come from "
-        "--config or from the configs shipped for its family; its prediction type is detected (docs/single-file.md).",
+        description="Write SRC (a .safetensors/.ckpt single file of Stable Diffusion 1.x/2.x, SDXL base or refiner, "
+        "or their inpainting variants, a diffusers folder or an unnoise pipeline folder) to DST in another layout, "
+        "one tensor at a time. Tensors are copied bit for bit unless --dtype converts them. A single file holds no "
+        "configs: they come from --config or from the configs shipped for its family; its prediction type is "
+        "detected (docs/single-file.md).",
     )
     p.add_argument("src", type=Path, help="a single file, a diffusers folder or an unnoise pipeline folder")
     p.add_argument("dst", type=Path, help="the file (.safetensors, for --to single-file) or folder to write")

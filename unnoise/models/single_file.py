@@ -1,15 +1,17 @@
-"""Single-file Stable Diffusion checkpoints in the original CompVis/Stability layout (SD 1.x, 2.x, inpainting).
+"""Single-file Stable Diffusion checkpoints in the original CompVis/Stability layout (SD 1.x, 2.x, SDXL, inpainting).
 
-One file holds the U-Net (``model.diffusion_model.``), the VAE (``first_stage_model.``) and the text encoder: CLIP
-ViT-L in transformers' layout for SD 1.x (``cond_stage_model.transformer.``), OpenCLIP ViT-H for SD 2.x
-(``cond_stage_model.model.``, attention q/k/v fused in ``in_proj_weight``). Key mappings are plans of ``Entry``
-rows built from the networks' configs and their own state-dict keys (``unet_plan``, ``vae_plan``, ``clip_plan``,
-``openclip_plan``); the same plan reads a file (``to_ours``) and writes one (``to_ldm``). Tensors are read one at
-a time (``Checkpoint``: safetensors through ``safe_open``, memory-mapped, or a trusted pickle); ``load_network``
-makes each read tensor, converted to the target dtype, the network's parameter, and ``write_safetensors`` streams
-tensors to a file: neither holds a second copy of the weights. Keys real files carry beside the networks are
-recognised (``SKIPPED_KEYS``, EMA copies, SD 2.x's unused last text layer); any other unknown or missing key is one
-error that names the file. ``detect_family`` and ``detect_prediction`` say what a file is.
+One file holds the U-Net (``model.diffusion_model.``), the VAE (``first_stage_model.``) and the text encoders
+(``Tower``): CLIP ViT-L in transformers' layout for SD 1.x (``cond_stage_model.transformer.``), OpenCLIP ViT-H for
+SD 2.x (``cond_stage_model.model.``, attention q/k/v fused in ``in_proj_weight``); Stability's sgm layout for SDXL
+(``conditioner.embedders.N.``: CLIP ViT-L, then OpenCLIP ViT-bigG with its text projection; the refiner has bigG
+alone). Key mappings are plans of ``Entry`` rows built from the networks' configs and their own state-dict keys
+(``unet_plan``, ``vae_plan``, ``clip_plan``, ``openclip_plan``); the same plan reads a file (``to_ours``) and writes
+one (``to_ldm``). Tensors are read one at a time (``Checkpoint``: safetensors through ``safe_open``, memory-mapped,
+or a trusted pickle); ``load_network`` makes each read tensor, converted to the target dtype, the network's
+parameter, and ``write_safetensors`` streams tensors to a file: neither holds a second copy of the weights. Keys
+real files carry beside the networks are recognised (``SKIPPED_KEYS``, EMA copies, SD 2.x's unused last text layer);
+any other unknown or missing key is one error that names the file. ``detect_family`` and ``detect_prediction`` say
+what a file is.
 """
 
 from __future__ import annotations
@@ -40,33 +42,70 @@ from unnoise.models.vae import AutoencoderKLConfig
 
 LDM_UNET, LDM_VAE = "model.diffusion_model.", "first_stage_model."
 SD1_TEXT, SD2_TEXT = "cond_stage_model.transformer.", "cond_stage_model.model."
+SDXL_CLIP, SDXL_BIGG = "conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."
+REFINER_BIGG = "conditioner.embedders.0.model."
 FAMILY_CONFIGS = Path(__file__).resolve().parent.parent / "weights" / "families"
 CLIP_MERGES = FAMILY_CONFIGS / "clip" / "merges.txt.gz"
 
 
 @dataclasses.dataclass(frozen=True)
+class Tower:
+    """A text encoder in a single file: the pipeline component it is (``text_encoder`` or ``text_encoder_2``), the
+    prefix of its keys, and their layout: OpenCLIP's or transformers'."""
+
+    component: str
+    prefix: str
+    openclip: bool
+
+
+_SD1 = (Tower("text_encoder", SD1_TEXT, openclip=False),)
+_SD2 = (Tower("text_encoder", SD2_TEXT, openclip=True),)
+_SDXL = (Tower("text_encoder", SDXL_CLIP, openclip=False), Tower("text_encoder_2", SDXL_BIGG, openclip=True))
+_REFINER = (Tower("text_encoder_2", REFINER_BIGG, openclip=True),)
+
+
+@dataclasses.dataclass(frozen=True)
 class Family:
-    """A kind of single file: ``configs`` names its shipped config folder (``weights/families/``), None: not
-    supported yet; ``marker`` is a key prefix that only its files have (the others are told apart in
-    ``detect_family``)."""
+    """A kind of single file: ``configs`` names its shipped config folder (``weights/families/``), ``towers`` its
+    text encoders (the last one's key prefix tells the family apart), ``pipeline`` diffusers' pipeline class."""
 
     name: str
     title: str
-    configs: str | None
-    openclip: bool = False
+    configs: str
+    towers: tuple[Tower, ...]
+    pipeline: str
     inpainting: bool = False
-    marker: str | None = None
+
+    @property
+    def sd2(self) -> bool:
+        """SD 2.x: conditioned on OpenCLIP ViT-H's penultimate layer, whose last layer its files still hold."""
+        return self.towers == _SD2
+
+    @property
+    def sdxl(self) -> bool:
+        return self.towers[-1].component == "text_encoder_2"
 
 
+_SD, _SD_INPAINT = "StableDiffusionPipeline", "StableDiffusionInpaintPipeline"
 FAMILIES = {
     f.name: f
     for f in (
-        Family("sd1", "Stable Diffusion 1.x", "sd1"),
-        Family("sd1-inpainting", "Stable Diffusion 1.x inpainting", "sd1", inpainting=True),
-        Family("sd2", "Stable Diffusion 2.x", "sd2", openclip=True),
-        Family("sd2-inpainting", "Stable Diffusion 2.x inpainting", "sd2", openclip=True, inpainting=True),
-        Family("sdxl-base", "Stable Diffusion XL base", None, marker="conditioner.embedders.1."),
-        Family("sdxl-refiner", "Stable Diffusion XL refiner", None, marker="conditioner.embedders.0.model."),
+        Family("sd1", "Stable Diffusion 1.x", "sd1", _SD1, _SD),
+        Family("sd1-inpainting", "Stable Diffusion 1.x inpainting", "sd1", _SD1, _SD_INPAINT, inpainting=True),
+        Family("sd2", "Stable Diffusion 2.x", "sd2", _SD2, _SD),
+        Family("sd2-inpainting", "Stable Diffusion 2.x inpainting", "sd2", _SD2, _SD_INPAINT, inpainting=True),
+        Family("sdxl-base", "Stable Diffusion XL base", "sdxl-base", _SDXL, "StableDiffusionXLPipeline"),
+        Family(
+            "sdxl-inpainting",
+            "Stable Diffusion XL inpainting",
+            "sdxl-base",
+            _SDXL,
+            "StableDiffusionXLInpaintPipeline",
+            inpainting=True,
+        ),  # fmt: skip
+        Family(
+            "sdxl-refiner", "Stable Diffusion XL refiner", "sdxl-refiner", _REFINER, "StableDiffusionXLImg2ImgPipeline"
+        ),
     )
 }
 # Other kinds of checkpoint, by a key prefix only they have, so that the error names them.
@@ -77,8 +116,9 @@ _OTHERS = (
     ("model.diffusion_model.double_blocks.", "Flux"),
 )
 
-# Keys real files carry beside the three networks: LatentDiffusion's noise-schedule buffers, the EMA's counters,
-# OpenCLIP's contrastive head, transformers' constant position ids and ComfyUI's v-prediction marker.
+# Keys real files carry beside the networks: LatentDiffusion's noise-schedule buffers (sgm's ``denoiser.sigmas``), the
+# EMA's counters, OpenCLIP's contrastive head (SD 2.x also the text projection it does not use), transformers'
+# constant position ids and ComfyUI's v-prediction marker.
 SKIPPED_KEYS = frozenset(
     {
         *("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod"),
@@ -86,6 +126,8 @@ SKIPPED_KEYS = frozenset(
         *("posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2"),
         *("model_ema.decay", "model_ema.num_updates", SD2_TEXT + "logit_scale", SD2_TEXT + "text_projection"),
         *(SD1_TEXT + "text_model.embeddings.position_ids", SD1_TEXT + "embeddings.position_ids", "v_pred"),
+        *(SDXL_CLIP + "text_model.embeddings.position_ids", SDXL_BIGG + "logit_scale", REFINER_BIGG + "logit_scale"),
+        "denoiser.sigmas",
     }
 )
 EMA = "model_ema."
@@ -253,11 +295,13 @@ def _release(tensor: Tensor) -> None:
 @dataclasses.dataclass(frozen=True)
 class Entry:
     """One tensor of the original layout and the tensor(s) it is in ours: several are stacked along dim 0 there
-    (OpenCLIP's fused q/k/v); ``conv1x1``: a 1x1 convolution's weight there, a linear weight here (VAE attention)."""
+    (OpenCLIP's fused q/k/v); ``conv1x1``: a 1x1 convolution's weight there, a linear weight here (VAE attention);
+    ``transpose``: a matrix applied as ``x @ W`` there, a linear weight (``W.T``) here (OpenCLIP's text projection)."""
 
     ldm: str
     ours: tuple[str, ...]
     conv1x1: bool = False
+    transpose: bool = False
 
 
 # Submodule renames inside a module of each kind: ours -> the original's ("same": identical names below it).
@@ -276,14 +320,20 @@ _RENAMES: dict[str, dict[str, str] | None] = {
 
 def unet_modules(config: UNetConfig) -> list[tuple[str, str, str]]:
     """(original module, our module, kind) for the U-Net of ``config``, numbered as the original's
-    ``input_blocks`` / ``middle_block`` / ``output_blocks`` (each holds a resnet, its attention, a resampler)."""
+    ``input_blocks`` / ``middle_block`` / ``output_blocks`` (each holds a resnet, its attention, a resampler); SDXL's
+    added conditioning (``addition_embed_type="text_time"``) is sgm's ``label_emb``. Levels without attention and
+    any transformer depth need nothing more: a level's attention module keeps its inner names."""
     down, mid, up = config.block_kinds()
-    if "self" in (*down, mid, *up) or config.num_class_embeds or config.addition_embed_type:
+    if "self" in (*down, mid, *up) or config.num_class_embeds:
         raise ValueError(
-            "single files of Stable Diffusion 1.x/2.x U-Nets: self-attention blocks, class embeddings and added "
-            "(SDXL) conditioning are not supported"
+            "single files of Stable Diffusion U-Nets: self-attention blocks and class embeddings are not supported"
         )
     rows = [("time_embed.0", "time_embedding.linear_1", "same"), ("time_embed.2", "time_embedding.linear_2", "same")]
+    if config.addition_embed_type == "text_time":
+        rows += [
+            ("label_emb.0.0", "add_embedding.linear_1", "same"),
+            ("label_emb.0.2", "add_embedding.linear_2", "same"),
+        ]
     rows += [("input_blocks.0.0", "conv_in", "same"), ("out.0", "conv_norm_out", "same"), ("out.2", "conv_out", "same")]
     layers, n, k = config.per_block("layers_per_block"), len(config.block_out_channels), 1
     for level in range(n):
@@ -363,12 +413,15 @@ def vae_plan(config: AutoencoderKLConfig, keys: Iterable[str]) -> list[Entry]:
 
 
 def clip_plan(keys: Iterable[str], prefix: str = SD1_TEXT + "text_model.") -> list[Entry]:
-    """SD 1.x: transformers' CLIPTextModel under ``prefix`` (files from transformers < 4.22 lack ``text_model.``)."""
+    """SD 1.x and SDXL's first tower: transformers' CLIPTextModel under ``prefix`` (SD 1.x files from transformers
+    < 4.22 lack ``text_model.``)."""
     return [Entry(prefix + key, (key,)) for key in keys]
 
 
-def openclip_plan(layers: int) -> list[Entry]:
-    """SD 2.x: OpenCLIP's text tower, ``layers`` residual blocks of it, as transformers' CLIPTextModel."""
+def openclip_plan(layers: int, prefix: str = SD2_TEXT, *, projection: bool = False) -> list[Entry]:
+    """OpenCLIP's text tower under ``prefix``, ``layers`` residual blocks of it, as transformers' CLIPTextModel (SD
+    2.x) or, with ``projection``, CLIPTextModelWithProjection (SDXL's bigG): OpenCLIP pools as ``x @ text_projection``,
+    so its (width, projection) matrix is the transpose of the linear weight."""
     plan = [Entry("token_embedding.weight", ("embeddings.token_embedding.weight",))]
     plan.append(Entry("positional_embedding", ("embeddings.position_embedding.weight",)))
     for i in range(layers):
@@ -384,7 +437,8 @@ def openclip_plan(layers: int) -> list[Entry]:
             for theirs, ours in (("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2")):
                 plan.append(Entry(f"{block}{theirs}.{p}", (f"{layer}{ours}.{p}",)))
     plan += [Entry(f"ln_final.{p}", (f"final_layer_norm.{p}",)) for p in ("weight", "bias")]
-    return [dataclasses.replace(e, ldm=SD2_TEXT + e.ldm) for e in plan]
+    plan += [Entry("text_projection", ("text_projection.weight",), transpose=True)] if projection else []
+    return [dataclasses.replace(e, ldm=prefix + e.ldm) for e in plan]
 
 
 def to_ours(plan: list[Entry], source: dict[str, Lazy]) -> dict[str, Lazy]:
@@ -396,15 +450,22 @@ def to_ours(plan: list[Entry], source: dict[str, Lazy]) -> dict[str, Lazy]:
         n = len(e.ours)
         for i, name in enumerate(e.ours):
             part = (shape[0] // n, *shape[1:]) if shape else shape
-            out[name] = Lazy(part, lazy.dtype, functools.partial(_part, lazy.read, shape, n, i))
+            part = part[::-1] if e.transpose else part
+            out[name] = Lazy(part, lazy.dtype, functools.partial(_part, lazy.read, shape, n, i, e.transpose))
     return out
 
 
 def _part(
-    read: Callable[..., Tensor], shape: tuple[int, ...], n: int, i: int, dtype: torch.dtype | None = None
+    read: Callable[..., Tensor],
+    shape: tuple[int, ...],
+    n: int,
+    i: int,
+    transpose: bool,
+    dtype: torch.dtype | None = None,
 ) -> Tensor:
     tensor = read(dtype).reshape(shape)
-    return tensor if n == 1 else tensor.chunk(n)[i]
+    tensor = tensor if n == 1 else tensor.chunk(n)[i]
+    return tensor.t().contiguous() if transpose else tensor
 
 
 def to_ldm(plan: list[Entry], ours: dict[str, Lazy]) -> dict[str, Lazy]:
@@ -413,43 +474,54 @@ def to_ldm(plan: list[Entry], ours: dict[str, Lazy]) -> dict[str, Lazy]:
     for e in plan:
         parts = [ours[name] for name in e.ours]
         shape = (sum(p.shape[0] for p in parts), *parts[0].shape[1:]) + ((1, 1) if e.conv1x1 else ())
-        out[e.ldm] = Lazy(shape, parts[0].dtype, functools.partial(_join, [p.read for p in parts], shape))
+        shape = shape[::-1] if e.transpose else shape
+        reads = [p.read for p in parts]
+        out[e.ldm] = Lazy(shape, parts[0].dtype, functools.partial(_join, reads, shape, e.transpose))
     return out
 
 
-def _join(reads: list[Callable[..., Tensor]], shape: tuple[int, ...], dtype: torch.dtype | None = None) -> Tensor:
-    return (reads[0](dtype) if len(reads) == 1 else torch.cat([read(dtype) for read in reads])).reshape(shape)
+def _join(
+    reads: list[Callable[..., Tensor]], shape: tuple[int, ...], transpose: bool, dtype: torch.dtype | None = None
+) -> Tensor:
+    tensor = reads[0](dtype) if len(reads) == 1 else torch.cat([read(dtype) for read in reads])
+    return (tensor.t().contiguous() if transpose else tensor).reshape(shape)
 
 
 # -- what a file is ---------------------------------------------------------------------------------------------------
 
 
+SUPPORTED = "Stable Diffusion 1.x, 2.x, their inpainting variants, SDXL base (and inpainting) and SDXL refiner"
+
+
 def detect_family(ckpt: Checkpoint) -> Family:
-    """The family from the keys: the text encoder's layout, then the U-Net's input channels (9: inpainting)."""
+    """The family from the keys: the last text encoder's prefix (SDXL's bigG, else SD 2.x's OpenCLIP, else SD 1.x's
+    CLIP), then the U-Net's input channels (9: inpainting)."""
     keys = ckpt.keys
-    marked = [(f.marker, f.title, " yet") for f in FAMILIES.values() if f.marker] + [(*o, "") for o in _OTHERS]
-    for prefix, title, soon in marked:
+    for prefix, title in _OTHERS:
         if any(k.startswith(prefix) for k in keys):
             raise ValueError(
-                f"{ckpt.path} is a {title} checkpoint (keys {prefix}...), which is not supported{soon}; supported "
-                "single files: Stable Diffusion 1.x, 2.x and their inpainting variants"
+                f"{ckpt.path} is a {title} checkpoint (keys {prefix}...), which is not supported; supported single "
+                f"files: {SUPPORTED}"
             )
-    openclip = any(k.startswith(SD2_TEXT) for k in keys)
-    if not openclip and not any(k.startswith(SD1_TEXT) for k in keys):
+    prefixes = {f.towers[-1].prefix: f for f in reversed(FAMILIES.values()) if not f.inpainting}  # SDXL first
+    family = next((f for prefix, f in prefixes.items() if any(k.startswith(prefix) for k in keys)), None)
+    if family is None:
         raise ValueError(
-            f"{ckpt.path}: unknown family: no Stable Diffusion text encoder ({SD1_TEXT}... or {SD2_TEXT}...); "
+            f"{ckpt.path}: unknown family: no Stable Diffusion text encoder (keys {' or '.join(prefixes)}...); "
             f"{_first(keys)}"
         )
     conv_in = LDM_UNET + "input_blocks.0.0.weight"
     if conv_in not in keys:
         raise ValueError(f"{ckpt.path}: no U-Net input convolution {conv_in!r}; {_first(keys)}")
     channels = ckpt.shape(conv_in)[1]
-    if channels not in (4, 9):
-        raise ValueError(
-            f"{ckpt.path}: a U-Net with {channels} input channels (InstructPix2Pix has 8) is not supported; allowed: "
-            "4 (text-to-image) or 9 (inpainting)"
-        )
-    return FAMILIES[("sd2" if openclip else "sd1") + ("-inpainting" if channels == 9 else "")]
+    inpainting = next((f for f in FAMILIES.values() if f.inpainting and f.towers == family.towers), None)
+    if channels == 4 or (channels == 9 and inpainting is not None):
+        return family if channels == 4 else inpainting
+    allowed = "4 (text-to-image) or 9 (inpainting)" if inpainting is not None else "4"
+    raise ValueError(
+        f"{ckpt.path}: a {family.title} U-Net with {channels} input channels (InstructPix2Pix has 8) is not "
+        f"supported; allowed: {allowed}"
+    )
 
 
 def _first(keys: list[str], n: int = 5) -> str:
@@ -639,21 +711,23 @@ def clip_bpe() -> tuple[dict[str, int], list[str]]:
     return {token: i for i, token in enumerate(tokens)}, merges
 
 
-def write_clip_tokenizer(folder: Path, family: Family) -> None:
-    """The family's CLIP tokenizer as a diffusers ``tokenizer/`` folder: vocab.json, merges.txt and its configs."""
+def write_clip_tokenizer(folder: Path, family: Family, tokenizer: str = "tokenizer") -> None:
+    """The family's CLIP tokenizer ``tokenizer`` (SDXL: also ``tokenizer_2``, which pads with "!") as a diffusers
+    folder: vocab.json, merges.txt and its configs."""
     folder.mkdir(parents=True, exist_ok=True)
     vocab, merges = clip_bpe()
     (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
-        (folder / name).write_bytes((FAMILY_CONFIGS / str(family.configs) / "tokenizer" / name).read_bytes())
+        (folder / name).write_bytes((FAMILY_CONFIGS / family.configs / tokenizer / name).read_bytes())
 
 
-def clip_tokenizer(family: Family) -> Any:
-    """transformers' CLIPTokenizer of the family, built in memory (transformers >= 5; else from a written folder)."""
+def clip_tokenizer(family: Family, tokenizer: str = "tokenizer") -> Any:
+    """transformers' CLIPTokenizer ``tokenizer`` of the family, built in memory (transformers >= 5; else from a
+    written folder)."""
     import transformers  # the caller has checked it is installed (text.import_transformers)
 
-    folder = FAMILY_CONFIGS / str(family.configs) / "tokenizer"
+    folder = FAMILY_CONFIGS / family.configs / tokenizer
     options = json.loads((folder / "tokenizer_config.json").read_text())
     options.pop("tokenizer_class", None)
     vocab, merges = clip_bpe()
@@ -661,7 +735,7 @@ def clip_tokenizer(family: Family) -> Any:
         return transformers.CLIPTokenizer(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges], **options)
     except TypeError:  # transformers 4: files only
         with tempfile.TemporaryDirectory() as tmp:
-            write_clip_tokenizer(Path(tmp), family)
+            write_clip_tokenizer(Path(tmp), family, tokenizer)
             return transformers.CLIPTokenizer.from_pretrained(tmp, local_files_only=True)
 
 
@@ -680,6 +754,10 @@ def diffusers_unet_config(c: UNetConfig) -> dict[str, Any]:
     copied += ("mid_block_type", "cross_attention_dim", "use_linear_projection", "transformer_layers_per_block")
     copied += ("norm_num_groups", "norm_eps", "flip_sin_to_cos", "freq_shift", "mid_block_scale_factor")
     copied += ("downsample_padding", "dropout", "resnet_time_scale_shift", "time_embedding_dim", "sample_size")
+    if c.reverse_transformer_layers_per_block is not None:
+        copied += ("reverse_transformer_layers_per_block",)
+    if c.addition_embed_type is not None:  # SDXL
+        copied += ("addition_embed_type", "addition_time_embed_dim", "projection_class_embeddings_input_dim")
     config = {"_class_name": "UNet2DConditionModel", "act_fn": "silu", **{k: getattr(c, k) for k in copied}}
     config["attention_head_dim"] = heads[0] if len(set(heads)) == 1 else heads  # diffusers' name for the head count
     return json.loads(json.dumps(config))  # tuples as lists

@@ -85,7 +85,7 @@ def resolve_model(path: str | Path) -> Path:
     if path.is_file():
         if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
             raise FileNotFoundError(
-                f"{path} is a file but not a single-file checkpoint; allowed: {SINGLE_FILE_SUFFIXES}"
+                f"{path} is a file but not a single-file checkpoint; allowed: {', '.join(SINGLE_FILE_SUFFIXES)}"
             )
         return path
     folder = _require_folder(path)
@@ -163,7 +163,7 @@ def _load_diffusers(folder: Path) -> Components:
     sdxl = _listed(index, "text_encoder_2") is not None
     path = folder / "scheduler" / "scheduler_config.json"
     schedule, prediction, sampling = parse_config(path, translate_scheduler, read_json(path))
-    zeros = sdxl and bool(index.get("force_zeros_for_empty_prompt", True))  # diffusers' SDXL default: on
+    zeros = _force_zeros(index, sdxl)
     config = PipelineConfig(
         text_encoder=TextEncoderConfig(kind="sdxl" if sdxl else "clip", force_zeros_for_empty_prompt=zeros),
         prediction=prediction,
@@ -179,6 +179,11 @@ def _load_diffusers(folder: Path) -> Components:
     names = (*_DIFFUSERS_WEIGHTS, "diffusion_pytorch_model.bin")
     weights = next((folder / "unet" / n for n in names if (folder / "unet" / n).is_file()), None)
     return Components(unet, vae, text_encoder, config, weights)
+
+
+def _force_zeros(index: dict[str, Any], sdxl: bool) -> bool:
+    """SDXL's ``force_zeros_for_empty_prompt`` from a diffusers model_index.json (diffusers' default: on)."""
+    return sdxl and bool(index.get("force_zeros_for_empty_prompt", True))
 
 
 def _dual_clip(folder: Path, *, with_first: bool, clip_skip: int = 0) -> DualCLIPTextEncoder:
@@ -240,8 +245,8 @@ class _Configs:
 
     unet: UNetConfig
     vae: AutoencoderKLConfig
-    text: dict[str, Any]  # transformers' CLIPTextConfig as JSON
-    tokenizer: Path | None  # a tokenizer folder to copy; None: the family's shipped tokenizer
+    texts: dict[str, dict[str, Any]]  # per text encoder (text_encoder, text_encoder_2): transformers' config as JSON
+    tokenizers: dict[str, Path | None]  # per text encoder: its tokenizer folder to copy; None: the family's shipped one
     config: PipelineConfig
     prediction_source: str | None
     diffusers: dict[str, dict[str, Any]]  # the source's own diffusers configs, written back as they are
@@ -254,8 +259,8 @@ class _Layout:
 
     family: sf.Family
     configs: _Configs
-    nets: dict[str, torch.nn.Module]  # "unet", "vae", "text_encoder" on the meta device (``_networks``)
-    tensors: dict[str, dict[str, sf.Lazy]]  # the same three, under our names
+    nets: dict[str, torch.nn.Module]  # "unet", "vae" and the text encoders on the meta device (``_networks``)
+    tensors: dict[str, dict[str, sf.Lazy]]  # the same networks', under our names
     files: list[sf.Checkpoint]
     info: SingleFileInfo | None = None
 
@@ -264,34 +269,44 @@ class _Layout:
             file.close()
 
 
-def _read_configs(folders: list[Path]) -> _Configs:
-    """Each config from the first of ``folders`` that has it: ``unet/``, ``vae/``, ``text_encoder/`` and
-    ``tokenizer/`` (either layout), then ``pipeline.json`` (ours) or ``scheduler/`` (diffusers)."""
+_TOKENIZERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}  # each text encoder's tokenizer
+
+
+def _read_configs(folders: list[Path], towers: tuple[str, ...]) -> _Configs:
+    """Each config from the first of ``folders`` that has it: ``unet/``, ``vae/``, the text encoders ``towers`` and
+    their tokenizers (either layout), then ``pipeline.json`` (ours) or ``scheduler/`` (diffusers; SDXL's
+    ``force_zeros_for_empty_prompt`` from the same folder's ``model_index.json``)."""
     origin = {}
-    for part, name in (("unet", "unet/config.json"), ("vae", "vae/config.json"), ("text", "text_encoder/config.json")):
-        found = next((f for f in folders if (f / name).is_file()), None)
+    for part in ("unet", "vae", *towers):
+        found = next((f for f in folders if (f / part / "config.json").is_file()), None)
         if found is None:
-            raise FileNotFoundError(f"no {name} in {', '.join(map(str, folders))}")
+            raise FileNotFoundError(f"no {part}/config.json in {', '.join(map(str, folders))}")
         origin[part] = found
     raw: dict[str, dict[str, Any]] = {}
     unet = _model_config(origin["unet"] / "unet" / "config.json", UNetConfig, raw, "unet")
     vae = _model_config(origin["vae"] / "vae" / "config.json", AutoencoderKLConfig, raw, "vae")
-    text = read_json(origin["text"] / "text_encoder" / "config.json")
-    tokenizer = next((f / "tokenizer" for f in folders if _has_tokenizer(f / "tokenizer")), None)
+    texts = {part: read_json(origin[part] / part / "config.json") for part in towers}
+    tokenizers = {
+        part: next((f / _TOKENIZERS[part] for f in folders if _has_tokenizer(f / _TOKENIZERS[part])), None)
+        for part in towers
+    }
+    sdxl = "text_encoder_2" in towers
     for folder in folders:
         if (folder / "pipeline.json").is_file():
             path = folder / "pipeline.json"
             config = parse_config(path, PipelineConfig.from_dict, read_json(path))
-            return _Configs(unet, vae, text, tokenizer, config, str(path), raw, origin)
+            return _Configs(unet, vae, texts, tokenizers, config, str(path), raw, origin)
         path = folder / "scheduler" / "scheduler_config.json"
         if path.is_file():
             raw["scheduler"] = read_json(path)
             schedule, prediction, sampling = parse_config(path, translate_scheduler, raw["scheduler"])
             given = f"{path}'s prediction_type" if "prediction_type" in raw["scheduler"] else None
-            config = PipelineConfig(
-                text_encoder=TextEncoderConfig(kind="clip"), prediction=prediction, schedule=schedule, sampling=sampling
+            index = read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
+            text = TextEncoderConfig(
+                kind="sdxl" if sdxl else "clip", force_zeros_for_empty_prompt=_force_zeros(index, sdxl)
             )
-            return _Configs(unet, vae, text, tokenizer, config, given, raw, origin)
+            config = PipelineConfig(text_encoder=text, prediction=prediction, schedule=schedule, sampling=sampling)
+            return _Configs(unet, vae, texts, tokenizers, config, given, raw, origin)
     raise FileNotFoundError(
         f"neither pipeline.json nor scheduler/scheduler_config.json in {', '.join(map(str, folders))}"
     )
@@ -312,8 +327,9 @@ def _read_single_file(
     ckpt = sf.Checkpoint(path, allow_pickle=allow_pickle)
     try:
         family = sf.detect_family(ckpt)
-        shipped = sf.FAMILY_CONFIGS / str(family.configs)
-        configs = _read_configs([_require_folder(Path(config)), shipped] if config is not None else [shipped])
+        shipped = sf.FAMILY_CONFIGS / family.configs
+        folders = [_require_folder(Path(config)), shipped] if config is not None else [shipped]
+        configs = _read_configs(folders, tuple(t.component for t in family.towers))
         if prediction is not None:
             check_choice("prediction", prediction, PREDICTIONS)
             why = "the prediction argument"
@@ -321,13 +337,15 @@ def _read_single_file(
             prediction, why = configs.config.prediction, configs.prediction_source
         else:
             prediction, why = sf.detect_prediction(ckpt, family)
-        if configs.config.text_encoder.kind != "clip":
+        kind = "sdxl" if family.sdxl else "clip"
+        if configs.config.text_encoder.kind != kind:
             raise ValueError(
-                f"{config}: text_encoder.kind={configs.config.text_encoder.kind!r}; a single file's is 'clip'"
+                f"{config}: text_encoder.kind={configs.config.text_encoder.kind!r}; a {family.title} single file's is "
+                f"{kind!r}"
             )
         configs.config = dataclasses.replace(configs.config, prediction=prediction)
         if configs.origin["unet"] == shipped:  # the file's input channels; SD 2.x 768-v is the v-prediction one
-            size = 64 if family.openclip and prediction != "v_prediction" else configs.unet.sample_size
+            size = 64 if family.sd2 and prediction != "v_prediction" else configs.unet.sample_size
             changes = dict(in_channels=ckpt.shape(sf.LDM_UNET + "input_blocks.0.0.weight")[1], sample_size=size)
             configs.unet = dataclasses.replace(configs.unet, **changes)
             configs.diffusers["unet"] = {**configs.diffusers["unet"], **changes}
@@ -346,7 +364,7 @@ def _read_single_file(
 def _single_file_tensors(
     ckpt: sf.Checkpoint, family: sf.Family, configs: _Configs, nets: dict[str, torch.nn.Module], ema: bool
 ) -> tuple[dict[str, dict[str, sf.Lazy]], bool]:
-    """The three networks' tensors under our names; every key of the file used or recognised, else one error."""
+    """The networks' tensors under our names; every key of the file used or recognised, else one error."""
     plans = _plans(family, configs, nets, ckpt.keys)
     has_ema = any(k.startswith(sf.EMA) and k not in sf.SKIPPED_KEYS for k in ckpt.keys)
     if ema and not has_ema:
@@ -354,12 +372,12 @@ def _single_file_tensors(
     use_ema = ema and has_ema
     if use_ema:
         plans["unet"] = [dataclasses.replace(e, ldm=sf.ema_key(e.ldm)) for e in plans["unet"]]
-    layers = nets["text_encoder"].config.num_hidden_layers
-    dropped = f"{sf.SD2_TEXT}transformer.resblocks.{layers}."  # SD 2.x conditions on the penultimate layer
+    unused = [sf.LDM_UNET if use_ema else sf.EMA]
+    if family.sd2:  # SD 2.x conditions on the penultimate layer: the file's last one is not used
+        unused.append(f"{sf.SD2_TEXT}transformer.resblocks.{nets['text_encoder'].config.num_hidden_layers}.")
 
     def skipped(key: str) -> bool:
-        extra = (sf.LDM_UNET,) if use_ema else (sf.EMA,)
-        return key in sf.SKIPPED_KEYS or key.startswith(extra) or (family.openclip and key.startswith(dropped))
+        return key in sf.SKIPPED_KEYS or key.startswith(tuple(unused))
 
     where = ", ".join(sorted({str(p) for p in configs.origin.values()}))
     hint = f"the networks are configured from {where}; pass config=<a diffusers or unnoise folder> for other shapes"
@@ -369,36 +387,51 @@ def _single_file_tensors(
 
 
 def _networks(configs: _Configs) -> dict[str, torch.nn.Module]:
-    """The three networks on the meta device: their keys and shapes, no memory."""
+    """The networks on the meta device: their keys and shapes, no memory; each text encoder the transformers class its
+    config's ``architectures`` names (SDXL's bigG: CLIPTextModelWithProjection)."""
     transformers = import_transformers()
-    text = transformers.CLIPTextConfig.from_dict(configs.text)
-    return {
+    nets = {
         "unet": sf.meta_network(lambda: UNet(configs.unet)),
         "vae": sf.meta_network(lambda: AutoencoderKL(configs.vae)),
-        "text_encoder": sf.meta_network(lambda: transformers.CLIPTextModel(text)),
     }
+    for part, data in configs.texts.items():
+        projected = "CLIPTextModelWithProjection" in (data.get("architectures") or [])
+        cls = transformers.CLIPTextModelWithProjection if projected else transformers.CLIPTextModel
+        text = transformers.CLIPTextConfig.from_dict(data)
+        nets[part] = sf.meta_network(lambda cls=cls, text=text: cls(text))
+    return nets
 
 
 def _plans(
     family: sf.Family, configs: _Configs, nets: dict[str, torch.nn.Module], file_keys: list[str] | None = None
 ) -> dict[str, list[sf.Entry]]:
-    """The key plans of the three networks; SD 1.x text keys of files from transformers < 4.22 lack ``text_model.``."""
-    if family.openclip:
-        text = sf.openclip_plan(nets["text_encoder"].config.num_hidden_layers)
-    else:
-        legacy = file_keys is not None and not any(k.startswith(sf.SD1_TEXT + "text_model.") for k in file_keys)
-        text = sf.clip_plan(sf.text_keys(nets["text_encoder"]), sf.SD1_TEXT if legacy else sf.SD1_TEXT + "text_model.")
-    return {
+    """The key plans of the networks; SD 1.x text keys of files from transformers < 4.22 lack ``text_model.``."""
+    plans = {
         "unet": sf.unet_plan(configs.unet, nets["unet"].state_dict()),
         "vae": sf.vae_plan(configs.vae, nets["vae"].state_dict()),
-        "text_encoder": text,
     }
+    for tower in family.towers:
+        net, prefix = nets[tower.component], tower.prefix
+        names = sf.text_keys(net)
+        if tower.openclip:
+            layers = net.config.num_hidden_layers
+            plans[tower.component] = sf.openclip_plan(layers, prefix, projection="text_projection.weight" in names)
+        else:
+            inner = [k for k in file_keys or [] if k.startswith(prefix)]
+            legacy = bool(inner) and not any(k.startswith(prefix + "text_model.") for k in inner)
+            plans[tower.component] = sf.clip_plan(names, prefix if legacy else prefix + "text_model.")
+    return plans
 
 
 def _family_of(configs: _Configs) -> sf.Family:
-    """SD 2.x's text encoder is OpenCLIP (GELU), SD 1.x's OpenAI CLIP (quick GELU); 9 input channels: inpainting."""
-    openclip = configs.text.get("hidden_act") == "gelu"
-    return sf.FAMILIES[("sd2" if openclip else "sd1") + ("-inpainting" if configs.unet.in_channels == 9 else "")]
+    """A folder's family: SDXL has bigG as text_encoder_2 (the refiner has it alone); else SD 2.x's text encoder is
+    OpenCLIP (GELU), SD 1.x's OpenAI CLIP (quick GELU); 9 input channels: inpainting."""
+    inpainting = configs.unet.in_channels == 9
+    if "text_encoder_2" in configs.texts:
+        refiner = "text_encoder" not in configs.texts
+        return sf.FAMILIES["sdxl-refiner" if refiner else "sdxl-inpainting" if inpainting else "sdxl-base"]
+    openclip = configs.texts["text_encoder"].get("hidden_act") == "gelu"
+    return sf.FAMILIES[("sd2" if openclip else "sd1") + ("-inpainting" if inpainting else "")]
 
 
 # A component's weights files in each layout, in the order looked for (pickles last: read with allow_pickle only).
@@ -409,25 +442,41 @@ _WEIGHTS = {
 }
 
 
+def _folder_towers(folder: Path, ours: bool) -> tuple[str, ...]:
+    """The text encoders of our folder (``pipeline.json``'s kind; an SDXL refiner has no ``text_encoder/``) or of a
+    diffusers folder (those its model_index.json lists)."""
+    if not ours:
+        index = _check_model_index(folder, sdxl=True)
+        return tuple(name for name in _TOKENIZERS if _listed(index, name) is not None)
+    path = folder / "pipeline.json"
+    kind = parse_config(path, PipelineConfig.from_dict, read_json(path)).text_encoder.kind
+    if kind not in ("clip", "sdxl"):
+        raise ValueError(
+            f"{path}: text_encoder.kind={kind!r}; only pipelines with CLIP text encoders (SD, SDXL) convert"
+        )
+    first = ("text_encoder",) if kind == "clip" or (folder / "text_encoder").is_dir() else ()
+    return first + (("text_encoder_2",) if kind == "sdxl" else ())
+
+
 def _read_folder(folder: Path, *, allow_pickle: bool) -> _Layout:
     """Our folder or a diffusers folder, its tensors under our names."""
     ours = (folder / "pipeline.json").is_file()
-    if not ours:
-        _check_model_index(folder)
-    configs = _read_configs([folder])
-    if configs.config.text_encoder.kind != "clip" or configs.tokenizer is None:
-        kind = configs.config.text_encoder.kind
-        raise ValueError(f"{folder}: text_encoder.kind={kind!r}; only pipelines with CLIP and a tokenizer/ convert")
+    configs = _read_configs([folder], _folder_towers(folder, ours))
+    missing = [_TOKENIZERS[part] for part, found in configs.tokenizers.items() if found is None]
+    if missing:
+        raise FileNotFoundError(
+            f"{folder}: no {missing[0]}/ with tokenizer.json or vocab.json; a pipeline converts with it"
+        )
     files = []
     try:
         tensors = {}
-        for name in ("unet", "vae", "text_encoder"):
-            names = _WEIGHTS["ours" if ours else "transformers" if name == "text_encoder" else "diffusers"]
+        for name in ("unet", "vae", *configs.texts):
+            names = _WEIGHTS["ours" if ours else "transformers" if name in configs.texts else "diffusers"]
             path = next((folder / name / n for n in names if (folder / name / n).is_file()), None)
             if path is None:
                 raise FileNotFoundError(f"{folder / name} holds none of {list(names)}")
             files.append(sf.Checkpoint(path, allow_pickle=allow_pickle))
-            tensors[name] = files[-1].lazy(_text_name if name == "text_encoder" else diffusers_key)
+            tensors[name] = files[-1].lazy(_text_name if name in configs.texts else diffusers_key)
     except BaseException:
         for file in files:
             file.close()
@@ -436,8 +485,14 @@ def _read_folder(folder: Path, *, allow_pickle: bool) -> _Layout:
 
 
 def _text_name(key: str) -> str | None:
-    """Our name of a saved CLIPTextModel tensor: no ``text_model.`` level, no constant position ids."""
+    """Our name of a saved CLIPTextModel(WithProjection) tensor: no ``text_model.`` level, no constant position ids."""
     return None if key.endswith("position_ids") else key.removeprefix("text_model.")
+
+
+def _saved_text_name(key: str) -> str:
+    """transformers' saved name of a text-encoder tensor: the tower under ``text_model.`` (as transformers 4 reads it
+    too), the projection of CLIPTextModelWithProjection beside it."""
+    return key if key.startswith("text_projection.") else f"text_model.{key}"
 
 
 # -- loading a single file ------------------------------------------------------------------------------------------
@@ -452,7 +507,8 @@ def load_single_file(
     allow_pickle: bool = False,
     ema: bool = False,
 ) -> Components:
-    """Load a single-file SD 1.x/2.x (or inpainting) checkpoint, each tensor mapped or converted once into its network.
+    """Load a single-file SD 1.x/2.x, SDXL base or refiner (or inpainting) checkpoint, each tensor mapped or converted
+    once into its network; SDXL's text encoder is a ``DualCLIPTextEncoder`` (the refiner's has bigG alone).
 
     ``prediction`` overrides the prediction type, else ``config``'s scheduler decides, else the file
     (``single_file.detect_prediction``); ``config`` is a diffusers or unnoise folder for configs the family's shipped
@@ -463,38 +519,49 @@ def load_single_file(
     path = Path(path)
     layout = _read_single_file(path, prediction=prediction, config=config, allow_pickle=allow_pickle, ema=ema)
     try:
-        unet, vae, text_model = _load_networks(layout, dtype or torch.float32, source=str(path))
+        unet, vae, texts = _load_networks(layout, dtype or torch.float32, source=str(path))
     finally:
         layout.close()
-    encoder = CLIPTextEncoder(text_model, _tokenizer(layout), clip_skip=layout.configs.config.text_encoder.clip_skip)
-    return Components(unet, vae, encoder, layout.configs.config, path, layout.info)
+    sdxl, clip_skip = layout.family.sdxl, layout.configs.config.text_encoder.clip_skip
+    encoders = {
+        part: CLIPTextEncoder(model, _tokenizer(layout, part), clip_skip=clip_skip, penultimate=sdxl)
+        for part, model in texts.items()
+    }
+    encoder = DualCLIPTextEncoder(encoders.get("text_encoder"), encoders["text_encoder_2"]) if sdxl else None
+    return Components(unet, vae, encoder or encoders["text_encoder"], layout.configs.config, path, layout.info)
 
 
-def _load_networks(layout: _Layout, dtype: torch.dtype, *, source: str) -> tuple[Any, Any, Any]:
+def _load_networks(layout: _Layout, dtype: torch.dtype, *, source: str) -> tuple[Any, Any, dict[str, Any]]:
+    """The U-Net in ``dtype``, the VAE too unless ``force_upcast``, the text encoders in float32."""
     nets = layout.nets
     vae_dtype = torch.float32 if layout.configs.vae.force_upcast else dtype
     unet = sf.load_network(nets["unet"], layout.tensors["unet"], dtype=dtype, source=source)
     vae = sf.load_network(nets["vae"], layout.tensors["vae"], dtype=vae_dtype, source=source)
-    text = nets["text_encoder"]
-    names = sf.text_keys(text)
-    text = sf.load_network(text, layout.tensors["text_encoder"], dtype=torch.float32, source=source, names=names)
-    return unet, vae, text
+    texts = {
+        part: sf.load_network(
+            nets[part], layout.tensors[part], dtype=torch.float32, source=source, names=sf.text_keys(nets[part])
+        )
+        for part in layout.configs.texts
+    }
+    return unet, vae, texts
 
 
-def _tokenizer(layout: _Layout) -> Any:
-    """transformers' CLIPTokenizer from the configured tokenizer folder, or the family's shipped one."""
+def _tokenizer(layout: _Layout, part: str) -> Any:
+    """transformers' CLIPTokenizer of text encoder ``part`` from the configured tokenizer folder, or the family's
+    shipped one."""
     transformers = import_transformers()
     with quiet_transformers(transformers):
-        if layout.configs.tokenizer is None:
-            return sf.clip_tokenizer(layout.family)
-        return transformers.CLIPTokenizer.from_pretrained(layout.configs.tokenizer, local_files_only=True)
+        folder = layout.configs.tokenizers[part]
+        if folder is None:
+            return sf.clip_tokenizer(layout.family, _TOKENIZERS[part])
+        return transformers.CLIPTokenizer.from_pretrained(folder, local_files_only=True)
 
 
-def _write_tokenizer(layout: _Layout, folder: Path) -> Path:
-    if layout.configs.tokenizer is not None:
-        shutil.copytree(layout.configs.tokenizer, folder)
+def _write_tokenizer(layout: _Layout, part: str, folder: Path) -> Path:
+    if layout.configs.tokenizers[part] is not None:
+        shutil.copytree(layout.configs.tokenizers[part], folder)
     else:
-        sf.write_clip_tokenizer(folder, layout.family)
+        sf.write_clip_tokenizer(folder, layout.family, _TOKENIZERS[part])
     return folder
 
 
@@ -537,7 +604,7 @@ def convert(
 
 def _check_tensors(layout: _Layout, source: str) -> None:
     for name, net in layout.nets.items():
-        names = sf.text_keys(net) if name == "text_encoder" else None
+        names = sf.text_keys(net) if name in layout.configs.texts else None
         sf.check_tensors(net, layout.tensors[name], names=names, source=source)
 
 
@@ -552,17 +619,19 @@ def _write_single_file(layout: _Layout, path: Path, dtype: torch.dtype | None) -
 
 
 def _write_networks(layout: _Layout, folder: Path, dtype: torch.dtype | None, names: tuple[str, str]) -> None:
-    """The U-Net's and the VAE's weights as ``names[0]``, the text encoder's as transformers writes them (``names[1]``,
-    keys under ``text_model.`` as transformers 4 reads them too), its config and the tokenizer folder."""
-    for part in ("unet", "vae", "text_encoder"):
+    """The U-Net's and the VAE's weights as ``names[0]``, each text encoder's as transformers writes them
+    (``names[1]``, ``_saved_text_name``), its config and its tokenizer folder."""
+    texts = layout.configs.texts
+    for part in ("unet", "vae", *texts):
         (folder / part).mkdir(parents=True)
     meta = {"format": "pt"}
     for part in ("unet", "vae"):
         sf.write_safetensors(folder / part / names[0], layout.tensors[part], dtype=dtype, metadata=meta)
-    text = {f"text_model.{k}": v for k, v in layout.tensors["text_encoder"].items()}
-    sf.write_safetensors(folder / "text_encoder" / names[1], text, dtype=dtype, metadata=meta)
-    _write_json(folder / "text_encoder" / "config.json", layout.configs.text)
-    _write_tokenizer(layout, folder / "tokenizer")
+    for part, config in texts.items():
+        text = {_saved_text_name(k): v for k, v in layout.tensors[part].items()}
+        sf.write_safetensors(folder / part / names[1], text, dtype=dtype, metadata=meta)
+        _write_json(folder / part / "config.json", config)
+        _write_tokenizer(layout, part, folder / _TOKENIZERS[part])
 
 
 def _write_diffusers(layout: _Layout, folder: Path, dtype: torch.dtype | None) -> None:
@@ -572,13 +641,29 @@ def _write_diffusers(layout: _Layout, folder: Path, dtype: torch.dtype | None) -
     _write_json(folder / "vae" / "config.json", c.diffusers.get("vae") or sf.diffusers_vae_config(c.vae))
     scheduler = c.diffusers.get("scheduler") or diffusers_scheduler_config(c.config)
     _write_json(folder / "scheduler" / "scheduler_config.json", {**scheduler, "prediction_type": c.config.prediction})
-    pipeline = "StableDiffusionInpaintPipeline" if layout.family.inpainting else "StableDiffusionPipeline"
-    index: dict[str, Any] = {"_class_name": pipeline, "requires_safety_checker": False}
-    index |= {"safety_checker": [None, None], "feature_extractor": [None, None], "image_encoder": [None, None]}
+    _write_json(folder / "model_index.json", _model_index(layout, scheduler["_class_name"]))
+
+
+def _model_index(layout: _Layout, scheduler: str) -> dict[str, Any]:
+    """diffusers' model_index.json of the family's pipeline class; SDXL's lists its absent parts as [null, null]."""
+    c, family = layout.configs, layout.family
+    index: dict[str, Any] = {"_class_name": family.pipeline, "feature_extractor": [None, None]}
+    index |= {"image_encoder": [None, None], "scheduler": ["diffusers", scheduler]}
     index |= {"unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
-    index |= {"text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"]}
-    index["scheduler"] = ["diffusers", scheduler["_class_name"]]
-    _write_json(folder / "model_index.json", index)
+    for part, data in c.texts.items():
+        index[part] = ["transformers", (data.get("architectures") or ["CLIPTextModel"])[0]]
+        index[_TOKENIZERS[part]] = ["transformers", "CLIPTokenizer"]
+    if not family.sdxl:
+        return index | {"requires_safety_checker": False, "safety_checker": [None, None]}
+    for part in _TOKENIZERS:
+        index.setdefault(part, [None, None])
+        index.setdefault(_TOKENIZERS[part], [None, None])
+    index["force_zeros_for_empty_prompt"] = c.config.text_encoder.force_zeros_for_empty_prompt
+    if family.pipeline != "StableDiffusionXLPipeline":  # img2img and inpainting: the refiner's aesthetic score
+        pooled = c.texts["text_encoder_2"].get("projection_dim", 0)
+        time_ids = (c.unet.projection_class_embeddings_input_dim - pooled) // c.unet.addition_time_embed_dim
+        index["requires_aesthetics_score"] = time_ids == 5
+    return index
 
 
 def _write_ours(layout: _Layout, folder: Path, dtype: torch.dtype | None) -> None:

@@ -190,11 +190,11 @@ class Pipeline:
         allow_pickle: bool = False,
         ema: bool = False,
     ) -> Pipeline:
-        """Load a single-file Stable Diffusion 1.x/2.x (or inpainting) checkpoint in the original layout
-        (``loading.load_single_file``: the family from its keys, configs shipped per family or from ``config=``, a
-        diffusers or unnoise folder). ``prediction`` overrides the detected prediction type; what was detected and
-        why is logged, kept in ``pipe.single_file`` and written into each image's parameters. ``.ckpt`` pickles load
-        only with ``allow_pickle=True``; ``ema=True`` takes the file's EMA U-Net weights."""
+        """Load a single-file Stable Diffusion 1.x/2.x or SDXL (base, refiner; or inpainting) checkpoint in the
+        original layout (``loading.load_single_file``: the family from its keys, configs shipped per family or from
+        ``config=``, a diffusers or unnoise folder). ``prediction`` overrides the detected prediction type; what was
+        detected and why is logged, kept in ``pipe.single_file`` and written into each image's parameters. ``.ckpt``
+        pickles load only with ``allow_pickle=True``; ``ema=True`` takes the file's EMA U-Net weights."""
         parts = load_single_file(
             path, prediction=prediction, config=config, dtype=dtype, allow_pickle=allow_pickle, ema=ema
         )
