@@ -1,14 +1,17 @@
-"""GPU benchmark: Stable-Diffusion-1.5-shaped text-to-image, ours against diffusers on identical random weights.
+"""GPU benchmark: SD-1.5- or SDXL-shaped text-to-image, ours against diffusers on identical random weights.
 
-    python benchmarks/gpu.py                      # CUDA: 512x512, fp16, 25 DPM-Solver++(2M) steps, CFG 7.5
+    python benchmarks/gpu.py                      # CUDA: SD-1.5, 512x512, fp16, 25 DPM-Solver++(2M) steps, CFG 7.5
+    python benchmarks/gpu.py --model sdxl         # CUDA: SDXL base, 1024x1024, the same loop, VAE decode in fp32
     python benchmarks/gpu.py --tiny --device cpu  # a small config on the CPU, to check the script itself
 
-Both sides run the same loop on the same weights, noise and prompt embeddings (random 77x768 stand-ins: the text
-encoder is the same for both and outside what is compared): U-Net with classifier-free guidance in one batch of 2,
-the scheduler step, and the VAE decode. Reported per side: median latency, images/s, peak memory and model-FLOP
+Both sides run the same loop on the same weights, noise and prompt embeddings (random stand-ins: 77x768 hidden
+states for SD-1.5; for SDXL 77x2048 hidden states, a 1280-wide pooled embedding and the six size/crop time ids; the
+text encoders are the same for both and outside what is compared): U-Net with classifier-free guidance in one batch
+of 2, the scheduler step, and the VAE decode (for SDXL in float32, as diffusers' SDXL pipeline does for a VAE whose
+config sets ``force_upcast``). Reported per side: median latency, images/s, peak memory and model-FLOP
 utilization against the card's dense bf16/fp16 peak. It also checks the server's VRAM planner
 (`unnoise.serve.vram`) on this config: estimated activation memory of a generation against
-`torch.cuda.max_memory_allocated` above the weights, at batch 1 and 4.
+`torch.cuda.max_memory_allocated` above the weights, at the batches of ``--planner-batches`` (1, 2 and 4).
 
 diffusers is needed only here. On a machine without network access, put its wheel (and the wheels of what it
 needs, such as huggingface_hub) beside this script: pure-Python wheels are imported straight from the zip files.
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import glob
 import json
 import os
@@ -70,6 +74,59 @@ SD15_VAE = {
 TINY_UNET = {**SD15_UNET, "block_out_channels": [32, 64, 64, 64], "cross_attention_dim": 64, "norm_num_groups": 8}
 TINY_VAE = {**SD15_VAE, "block_out_channels": [16, 32, 32, 32], "norm_num_groups": 8}
 
+# SDXL 1.0 base's published unet/ config.json (architecture; the keys left out hold diffusers' defaults): 2.57e9
+# parameters, attention from the second level on with [1, 2, 10] transformer layers, 2048-wide context, and a
+# 1280-wide pooled text embedding plus six time ids of 256 sinusoidal features each added to the time embedding.
+SDXL_UNET = {
+    "_class_name": "UNet2DConditionModel",
+    "sample_size": 128,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": [320, 640, 1280],
+    "layers_per_block": 2,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "transformer_layers_per_block": [1, 2, 10],
+    "cross_attention_dim": 2048,
+    "attention_head_dim": [5, 10, 20],  # diffusers reads these as head counts: 64 channels per head
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,  # 1280 pooled + 6 * 256
+    "norm_num_groups": 32,
+}
+# Its vae/ config.json: SD-1.5's architecture, another latent scale, and float32 advised for the decode.
+SDXL_VAE = {**SD15_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True}
+TINY_SDXL_UNET = {
+    **SDXL_UNET,
+    **dict(block_out_channels=[32, 64, 64], transformer_layers_per_block=[1, 1, 2], attention_head_dim=[2, 4, 4]),
+    **dict(cross_attention_dim=64, addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8),
+    "norm_num_groups": 8,
+}
+TINY_SDXL_VAE = {**SDXL_VAE, "block_out_channels": [16, 32, 32, 32], "norm_num_groups": 8}
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """One benchmarked model: published architecture configs, a tiny variant for the CPU, its native size."""
+
+    name: str
+    unet: dict
+    vae: dict
+    tiny_unet: dict
+    tiny_vae: dict
+    size: int
+    # diffusers' SDXL pipeline runs an fp16 VAE's decode in float32 when its config sets force_upcast (here any
+    # half dtype is upcast, as unnoise's Pipeline.to does); its SD-1.5 pipeline ignores the flag (which diffusers'
+    # AutoencoderKL defaults to True) and decodes in the U-Net's dtype
+    honours_force_upcast: bool
+
+
+MODELS = {
+    "sd15": Model("SD-1.5", SD15_UNET, SD15_VAE, TINY_UNET, TINY_VAE, 512, honours_force_upcast=False),
+    "sdxl": Model("SDXL base", SDXL_UNET, SDXL_VAE, TINY_SDXL_UNET, TINY_SDXL_VAE, 1024, honours_force_upcast=True),
+}
+
 # Dense (no sparsity) bf16/fp16 tensor-core peaks in FLOP/s, from the vendors' data sheets.
 PEAKS = {"H100 SXM": 989.4e12, "H100 PCIe": 756.0e12, "H100": 989.4e12, "H200": 989.4e12, "A100": 312.0e12}
 
@@ -88,31 +145,58 @@ def import_diffusers(wheel_dir: str | None = None):
     return diffusers
 
 
-def build(diffusers, unet_cfg: dict, vae_cfg: dict, seed: int):
-    """diffusers' models with random weights, and ours holding exactly the same tensors."""
+def build(diffusers, unet_cfg: dict, vae_cfg: dict, seed: int, device: torch.device, dtypes: dict):
+    """diffusers' models with random weights, and ours holding exactly the same tensors, built on ``device`` (the
+    host never holds SDXL's 2.6e9 parameters) and cast to ``dtypes["unet"]`` / ``dtypes["vae"]``."""
     torch.manual_seed(seed)
     kwargs = lambda cfg: {k: v for k, v in cfg.items() if not k.startswith("_")}  # noqa: E731
-    d_unet = diffusers.UNet2DConditionModel(**kwargs(unet_cfg))
-    d_vae = diffusers.AutoencoderKL(**kwargs(vae_cfg))
-    with torch.no_grad():  # diffusers zero-initializes some output layers; random everywhere is a fairer load
-        for p in list(d_unet.parameters()) + list(d_vae.parameters()):
-            if p.abs().max() == 0:
-                p.normal_(0, 0.02)
-    unet = UNet(UNetConfig.from_diffusers(unet_cfg))
-    vae = AutoencoderKL(AutoencoderKLConfig.from_diffusers(vae_cfg))
+    with torch.device(device):  # each network built in float32 and cast before the next is built
+        d_unet = diffusers.UNet2DConditionModel(**kwargs(unet_cfg)).to(dtypes["unet"])
+        d_vae = diffusers.AutoencoderKL(**kwargs(vae_cfg)).to(dtypes["vae"])
+        with torch.no_grad():  # diffusers zero-initializes some output layers; random everywhere is a fairer load
+            for p in list(d_unet.parameters()) + list(d_vae.parameters()):
+                if p.abs().max() == 0:
+                    p.normal_(0, 0.02)
+        unet = UNet(UNetConfig.from_diffusers(unet_cfg)).to(dtypes["unet"])
+        vae = AutoencoderKL(AutoencoderKLConfig.from_diffusers(vae_cfg)).to(dtypes["vae"])
     for ours, theirs in ((unet, d_unet), (vae, d_vae)):
         load_state(ours, {diffusers_key(k): v.clone() for k, v in theirs.state_dict().items()}, source="diffusers")
-    return unet, vae, d_unet, d_vae
+    return unet.eval(), vae.eval(), d_unet.eval(), d_vae.eval()
+
+
+def prompt_stand_ins(unet_cfg: dict, size: int, gen: torch.Generator) -> tuple[dict, dict]:
+    """Random conditional and unconditional U-Net keyword arguments of the text encoders' shapes (batch 1 each):
+    hidden states, and for SDXL the pooled embedding and the time ids (original size, crop 0, 0, target size)."""
+    width = unet_cfg["cross_attention_dim"]
+    cond = {"encoder_hidden_states": torch.randn(1, 77, width, generator=gen)}
+    uncond = {"encoder_hidden_states": torch.randn(1, 77, width, generator=gen)}
+    if unet_cfg.get("addition_embed_type") == "text_time":
+        pooled = unet_cfg["projection_class_embeddings_input_dim"] - 6 * unet_cfg["addition_time_embed_dim"]
+        time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32)
+        for side in (cond, uncond):
+            side.update(text_embeds=torch.randn(1, pooled, generator=gen), time_ids=time_ids)
+    return cond, uncond
+
+
+def guidance_batch(cond: dict, uncond: dict) -> dict:
+    """The U-Net keyword arguments of the classifier-free-guidance batch ``[cond; uncond]``."""
+    return {k: torch.cat([cond[k], uncond[k]]) for k in cond}
+
+
+def diffusers_unet(unet, x, t, batch: dict):
+    """diffusers' U-Net on our keyword arguments: SDXL's text_embeds and time_ids go in ``added_cond_kwargs``."""
+    added = {k: v for k, v in batch.items() if k != "encoder_hidden_states"}
+    return unet(x, t, encoder_hidden_states=batch["encoder_hidden_states"], added_cond_kwargs=added or None).sample
 
 
 def run_ours(unet, vae, latents, cond, uncond, steps, scale):
     schedule = VPSchedule.from_betas("scaled_linear", beta_start=0.00085, beta_end=0.012)
-    denoiser = CFGDenoiser(VPDenoiser(unet, schedule), scale, {"encoder_hidden_states": uncond})
+    denoiser = CFGDenoiser(VPDenoiser(unet, schedule), scale, uncond)
     sigmas = schedule.sigmas_for(steps, "linspace", extra_point=True)  # diffusers' DPM-Solver default grid
     # sampler state in float32 whatever the network's dtype (the U-Net casts its input to its weights' dtype)
     x = latents.float() * denoiser.denoiser.prior_std(sigmas[0].item())
-    z = sample(denoiser, x, sigmas, "dpmpp_2m", encoder_hidden_states=cond)
-    return vae.decode(vae.from_latent(z))
+    z = sample(denoiser, x, sigmas, "dpmpp_2m", **cond)
+    return vae.decode(vae.from_latent(z))  # decode casts to the VAE's dtype (float32 when upcast)
 
 
 def run_diffusers(diffusers, unet, vae, latents, cond, uncond, steps, scale):
@@ -120,13 +204,14 @@ def run_diffusers(diffusers, unet, vae, latents, cond, uncond, steps, scale):
         beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, final_sigmas_type="zero"
     )
     sched.set_timesteps(steps, device=latents.device)
-    context = torch.cat([cond, uncond])
+    batch = guidance_batch(cond, uncond)
     x = latents * sched.init_noise_sigma
     for t in sched.timesteps:
-        out = unet(torch.cat([x, x]), t, encoder_hidden_states=context).sample
+        out = diffusers_unet(unet, torch.cat([x, x]), t, batch)
         out_c, out_u = out.chunk(2)
         x = sched.step(out_u + scale * (out_c - out_u), t, x).prev_sample
-    return vae.decode(x / vae.config.scaling_factor).sample
+    # as StableDiffusionXLPipeline with an upcast VAE: latents cast to the VAE's dtype, then unscaled
+    return vae.decode(x.to(vae.dtype) / vae.config.scaling_factor).sample
 
 
 class _Context(torch.nn.Module):
@@ -136,6 +221,9 @@ class _Context(torch.nn.Module):
         super().__init__()
         self.max_length = max_length
 
+    def lora_networks(self) -> dict:
+        return {}
+
 
 def planner_check(unet, vae, latents, cond, uncond, scale, device: torch.device, batches=(1, 2, 4)) -> list[dict]:
     """The serve VRAM planner's estimates against measured peaks: a whole 2-step generation, and each phase alone
@@ -144,18 +232,20 @@ def planner_check(unet, vae, latents, cond, uncond, scale, device: torch.device,
 
     from unnoise.serve.vram import VramPlanner, measured_activations
 
-    pipe = SimpleNamespace(unet=unet, vae=vae, text_encoder=_Context(cond.shape[1]), vae_factor=8)
-    planner = VramPlanner(pipe, budget=2**50, max_batch=max(batches))
+    tokens = cond["encoder_hidden_states"].shape[1]
+    pipe = SimpleNamespace(unet=unet, vae=vae, text_encoder=_Context(tokens), vae_factor=8)
+    planner = VramPlanner(pipe, budget=2**50, max_batch=max(batches, default=1))
     size = latents.shape[-1] * 8
+    repeat = lambda tensors, b: {k: v.repeat(b, *[1] * (v.ndim - 1)) for k, v in tensors.items()}  # noqa: E731
     rows = []
     for b in batches:
-        x, c, u = latents.repeat(b, 1, 1, 1), cond.repeat(b, 1, 1), uncond.repeat(b, 1, 1)
+        x, c, u = latents.repeat(b, 1, 1, 1), repeat(cond, b), repeat(uncond, b)
         estimate = planner.estimate(b, size, size)
         t = torch.full((2 * b,), 500.0, device=device)
         measured = {
             "generation": measured_activations(lambda x=x, c=c, u=u: run_ours(unet, vae, x, c, u, 2, scale), device),
             "unet": measured_activations(
-                lambda x=x, c=c, u=u, t=t: unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([c, u])), device
+                lambda x=x, c=c, u=u, t=t: unet(torch.cat([x, x]), t, **guidance_batch(c, u)), device
             ),
             "vae": measured_activations(lambda x=x: vae.decode(x), device),
         }
@@ -202,39 +292,74 @@ def count_flops(fn) -> float:
     return float(counter.get_total_flops())
 
 
-def main(argv: list[str] | None = None) -> dict:
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="sd15", choices=sorted(MODELS), help="SD-1.5 (default) or SDXL base")
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
-    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--dtype", default="fp16", choices=sorted(DTYPES))
+    parser.add_argument("--size", type=int, default=None, help="pixels (default: the model's, 512 or 1024)")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--tiny", action="store_true", help="small channels, to check the script on a CPU")
+    parser.add_argument(
+        "--planner-batches",
+        type=lambda text: tuple(int(b) for b in text.split(",") if b),
+        default=(1, 2, 4),
+        help="batches at which the VRAM planner is checked, comma-separated (default 1,2,4; empty: none)",
+    )
     parser.add_argument("--peak-tflops", type=float, default=None, help="override the card's dense peak")
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--report", default=None, help="also write a Markdown report here (docs/benchmarks/gpu.md)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
-    diffusers = import_diffusers()
-    device = torch.device(args.device)
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    unet_cfg, vae_cfg = (TINY_UNET, TINY_VAE) if args.tiny else (SD15_UNET, SD15_VAE)
-    unet, vae, d_unet, d_vae = build(diffusers, unet_cfg, vae_cfg, seed=0)
-    for m in (unet, vae, d_unet, d_vae):
-        m.to(device=device, dtype=dtype).eval()
+
+def networks(diffusers, model: Model, args: argparse.Namespace) -> tuple[dict, dict]:
+    """Each side's (U-Net, VAE): ours, ours with unfused upsampling, diffusers'; and the U-Net's and VAE's dtypes."""
+    unet_cfg, vae_cfg = (model.tiny_unet, model.tiny_vae) if args.tiny else (model.unet, model.vae)
+    dtype = DTYPES[args.dtype]
+    upcast = model.honours_force_upcast and AutoencoderKLConfig.from_diffusers(vae_cfg).force_upcast
+    dtypes = {"unet": dtype, "vae": torch.float32 if upcast else dtype}
+    unet, vae, d_unet, d_vae = build(diffusers, unet_cfg, vae_cfg, 0, torch.device(args.device), dtypes)
     # ours once more with nearest 2x + 3x3 conv upsampling, as diffusers: what the fused upsamplers change (and, on
     # the CPU, with PyTorch's own conv/linear kernels instead of oneDNN's on reordered weights)
     unet_u, vae_u = copy.deepcopy(unet), copy.deepcopy(vae)
     for m in (unet_u, vae_u):
         set_upsample_fusion(m, False)
         set_weight_packing(m, False)
+    return {"ours": (unet, vae), "ours_unfused": (unet_u, vae_u), "diffusers": (d_unet, d_vae)}, dtypes
 
+
+def side_summary(models: tuple, timing: tuple, flops: float, peak: float | None) -> dict:
+    """One side's row: latency, throughput, weights and peak memory, MFU."""
+    _, t, mem, all_times = timing
+    weights = sum(p.numel() * p.element_size() for m in models for p in m.parameters())
+    return {
+        "latency_s": t,
+        "images_per_s": 1 / t,
+        "weights_gib": weights / 2**30,
+        "activation_peak_gib": mem / 2**30,
+        "peak_memory_gib": (weights + mem) / 2**30,
+        "mfu": flops / t / peak if peak else None,
+        "all_latencies_s": all_times,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    diffusers = import_diffusers()
+    device, model, dtype = torch.device(args.device), MODELS[args.model], DTYPES[args.dtype]
+    sides, dtypes = networks(diffusers, model, args)
+    (unet, vae), (unet_u, vae_u), (d_unet, d_vae) = sides["ours"], sides["ours_unfused"], sides["diffusers"]
+
+    size = args.size or model.size
     gen = torch.Generator().manual_seed(1)
-    latent = args.size // 8
-    latents = torch.randn(1, 4, latent, latent, generator=gen).to(device, dtype)
-    cond = torch.randn(1, 77, unet_cfg["cross_attention_dim"], generator=gen).to(device, dtype)
-    uncond = torch.randn(1, 77, unet_cfg["cross_attention_dim"], generator=gen).to(device, dtype)
+    latents = torch.randn(1, 4, size // 8, size // 8, generator=gen).to(device, dtype)
+    prompts = prompt_stand_ins(model.tiny_unet if args.tiny else model.unet, size, gen)
+    cond, uncond = ({k: v.to(device, dtype) for k, v in side.items()} for side in prompts)
     steps, scale = args.steps, args.guidance
 
     with torch.inference_mode():
@@ -242,43 +367,34 @@ def main(argv: list[str] | None = None) -> dict:
         unfused_fn = lambda: run_ours(unet_u, vae_u, latents, cond, uncond, steps, scale)  # noqa: E731
         theirs_fn = lambda: run_diffusers(diffusers, d_unet, d_vae, latents, cond, uncond, steps, scale)  # noqa: E731
         timings = timed({"ours": ours_fn, "ours_unfused": unfused_fn, "diffusers": theirs_fn}, device, args.runs)
-        img_ours, t_ours, _, _ = timings["ours"]
-        img_theirs, t_theirs, _, _ = timings["diffusers"]
-        context = torch.cat([cond, uncond])
         # the architecture's FLOPs as published (two-step upsampling); the fused upsamplers do fewer
-        unet_flops = count_flops(lambda: unet_u(torch.cat([latents, latents]), 500, encoder_hidden_states=context))
+        batch = guidance_batch(cond, uncond)
+        unet_flops = count_flops(lambda: unet_u(torch.cat([latents, latents]), 500, **batch))
         vae_flops = count_flops(lambda: vae_u.decode(latents))
-        planner = planner_check(unet, vae, latents, cond, uncond, scale, device)
+        planner = planner_check(unet, vae, latents, cond, uncond, scale, device, args.planner_batches)
     flops = unet_flops * steps + vae_flops
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = args.peak_tflops * 1e12 if args.peak_tflops else next((v for k, v in PEAKS.items() if k in name), None)
+    img_ours, img_theirs = timings["ours"][0], timings["diffusers"][0]
     result = {
         "device": name,
         "torch": torch.__version__,
         "diffusers_version": diffusers.__version__,
         "date": time.strftime("%Y-%m-%d"),
+        "model": model.name,
         "dtype": args.dtype,
-        "size": args.size,
+        "vae_dtype": next(k for k, v in DTYPES.items() if v == dtypes["vae"]),
+        "size": size,
         "steps": steps,
-        "config": "tiny" if args.tiny else "SD-1.5",
+        "config": f"tiny {model.name}" if args.tiny else model.name,
+        "unet_parameters": sum(p.numel() for p in unet.parameters()),
         "model_tflop_per_image": flops / 1e12,
         "max_abs_image_difference": (img_ours.float() - img_theirs.float()).abs().max().item(),
+        **{side: side_summary(models, timings[side], flops, peak) for side, models in sides.items()},
+        "latency_ratio_ours_over_diffusers": timings["ours"][1] / timings["diffusers"][1],
+        "latency_ratio_fused_over_unfused_upsampling": timings["ours"][1] / timings["ours_unfused"][1],
+        "vram_planner": planner,
     }
-    for side, models in (("ours", (unet, vae)), ("ours_unfused", (unet_u, vae_u)), ("diffusers", (d_unet, d_vae))):
-        _, t, mem, _ = timings[side]
-        weights = sum(p.numel() * p.element_size() for m in models for p in m.parameters())
-        result[side] = {
-            "latency_s": t,
-            "images_per_s": 1 / t,
-            "weights_gib": weights / 2**30,
-            "activation_peak_gib": mem / 2**30,
-            "peak_memory_gib": (weights + mem) / 2**30,
-            "mfu": flops / t / peak if peak else None,
-            "all_latencies_s": timings[side][3],
-        }
-    result["latency_ratio_ours_over_diffusers"] = t_ours / t_theirs
-    result["latency_ratio_fused_over_unfused_upsampling"] = t_ours / timings["ours_unfused"][1]
-    result["vram_planner"] = planner
     print(json.dumps(result, indent=2))
     if args.json:
         with open(args.json, "w") as f:
@@ -309,16 +425,24 @@ def report(result: dict, command: str) -> str:
         f"{r['estimate_over_measured']:.2f} |"
         for r in result["vram_planner"] or []
     ]
+    upcast = result.get("vae_dtype", result["dtype"]) != result["dtype"]
+    decode = (
+        f" in {result['vae_dtype']} on both sides (the VAE config's force_upcast, as diffusers' SDXL pipeline: the "
+        "VAE's weights are kept in that dtype and its FLOPs count against the same fp16/bf16 peak)"
+        if upcast
+        else ""
+    )
     return "\n".join(
         [
-            "# GPU benchmark: SD-1.5-shaped text-to-image, ours against diffusers",
+            f"# GPU benchmark: {result.get('model', 'SD-1.5')}-shaped text-to-image, ours against diffusers",
             "",
             f"Produced by `{command}` on **{result['device']}** (torch {result['torch']}, diffusers "
             f"{result['diffusers_version']}), {result['date']}.",
             "",
             f"{result['config']} U-Net and VAE configurations with identical random weights on both sides, "
             f"{result['size']}x{result['size']}, {result['dtype']}, {result['steps']} DPM-Solver++(2M) steps with "
-            "classifier-free guidance (U-Net batch of 2), then the VAE decode. Median of the timed runs after one "
+            f"classifier-free guidance (U-Net batch of 2), then the VAE decode{decode}. Median of the timed runs "
+            "after one "
             "warm-up each, the sides alternating call by call; peak memory is the side's own weights plus "
             "`torch.cuda.max_memory_allocated` over its timed runs above what was allocated before them (both "
             "sides' weights stay on the card throughout); MFU counts the U-Net's FLOPs (`torch.utils.flop_counter`) "

@@ -20,6 +20,43 @@ def test_gpu_script_runs_on_cpu_and_both_sides_agree():
     assert "| ours |" in text and "| diffusers |" in text and "| 4 | vae |" in text
 
 
+def test_gpu_script_sdxl_runs_on_cpu_and_both_sides_agree():
+    tiny = ["--model", "sdxl", "--tiny", "--device", "cpu", "--size", "64", "--steps", "2", "--runs", "1"]
+    result = gpu.main([*tiny, "--dtype", "fp32", "--planner-batches", "1"])
+    assert result["config"] == "tiny SDXL base" and result["max_abs_image_difference"] < 1e-4
+    assert result["ours"]["latency_s"] > 0 and result["diffusers"]["latency_s"] > 0
+    assert result["model_tflop_per_image"] > 0
+    assert {(r["batch"], r["phase"]) for r in result["vram_planner"]} == {(1, p) for p in ("generation", "unet", "vae")}
+    assert "# GPU benchmark: SDXL base-shaped" in gpu.report(result, "python benchmarks/gpu.py --model sdxl --tiny")
+    # half precision: the U-Net in bf16 on both sides, the decode upcast to float32 (force_upcast) on both
+    result = gpu.main([*tiny, "--dtype", "bf16", "--planner-batches", ""])
+    assert (result["dtype"], result["vae_dtype"], result["vram_planner"]) == ("bf16", "fp32", [])
+    assert result["ours"]["weights_gib"] == result["diffusers"]["weights_gib"]
+    assert result["max_abs_image_difference"] < 0.2  # bf16 rounding through two guided steps
+    assert "decode in fp32 on both sides" in gpu.report(result, "python benchmarks/gpu.py --model sdxl --tiny")
+
+
+def test_gpu_script_sdxl_config_is_the_published_base():
+    """The full-size SDXL configs build diffusers' 2.57e9-parameter U-Net, and ours holds the same tensors."""
+    import torch
+    from diffusers import AutoencoderKL as DiffusersVAE
+    from diffusers import UNet2DConditionModel
+
+    from unnoise.models.io import diffusers_key
+    from unnoise.models.unet import UNet, UNetConfig
+    from unnoise.models.vae import AutoencoderKL, AutoencoderKLConfig
+
+    kwargs = lambda cfg: {k: v for k, v in cfg.items() if not k.startswith("_")}  # noqa: E731
+    shapes = lambda model, key=str: {key(k): v.shape for k, v in model.state_dict().items()}  # noqa: E731
+    with torch.device("meta"):
+        theirs = UNet2DConditionModel(**kwargs(gpu.SDXL_UNET))
+        assert sum(p.numel() for p in theirs.parameters()) == 2_567_463_684
+        assert shapes(UNet(UNetConfig.from_diffusers(gpu.SDXL_UNET))) == shapes(theirs, diffusers_key)
+        theirs = DiffusersVAE(**kwargs(gpu.SDXL_VAE))
+        assert shapes(AutoencoderKL(AutoencoderKLConfig.from_diffusers(gpu.SDXL_VAE))) == shapes(theirs, diffusers_key)
+    assert AutoencoderKLConfig.from_diffusers(gpu.SDXL_VAE).force_upcast and gpu.SDXL_VAE["scaling_factor"] == 0.13025
+
+
 def test_gpu_script_imports_diffusers_from_a_wheel(tmp_path, monkeypatch):
     wheel = tmp_path / "diffusers-0.0.0-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as z:
