@@ -152,9 +152,10 @@ def test_micro_conditioning_changes_the_image(ours):
     assert np.abs(plain - cropped).max() > 4 / 255
 
 
-def test_img2img_matches_diffusers(models, ours):
+@pytest.mark.parametrize("size", [(32, 32), (48, 32)])
+def test_img2img_matches_diffusers(models, ours, size):
     theirs = models["img2img"][0]
-    image = input_image(32, 32)
+    image = input_image(*size)
     micro = dict(original_size=(64, 64), target_size=(32, 32))
     with torch.no_grad():
         expected = theirs(
@@ -163,7 +164,7 @@ def test_img2img_matches_diffusers(models, ours):
         ).images  # fmt: skip
     got = pixels(ours["base"](PROMPT, image=image, strength=0.6, negative_prompt=NEGATIVE, steps=STEPS,
                               sampler="euler", guidance_scale=5.0, seed=5, **micro))  # fmt: skip
-    assert_match(expected, got, "img2img")
+    assert_match(expected, got, f"img2img {size}")
 
 
 def test_refiner_with_aesthetic_score_matches_diffusers(models, ours):
@@ -181,20 +182,22 @@ def test_refiner_with_aesthetic_score_matches_diffusers(models, ours):
     assert_match(expected, got, "refiner")
 
 
-def test_inpainting_unet_matches_diffusers(models, ours):
+@pytest.mark.parametrize("size", [(32, 32), (32, 48)])
+def test_inpainting_unet_matches_diffusers(models, ours, size):
     theirs = models["inpaint"][0]
-    image, mask = input_image(32, 32), Image.new("L", (32, 32), 0)
+    h, w = size
+    image, mask = input_image(h, w), Image.new("L", (w, h), 0)
     mask.paste(255, (8, 8, 24, 28))
     with torch.no_grad():
         expected = theirs(
             PROMPT, image=image, mask_image=mask, strength=1.0, negative_prompt=NEGATIVE, num_inference_steps=STEPS,
-            guidance_scale=5.0, height=32, width=32, generator=[torch.Generator().manual_seed(4)], output_type="np",
+            guidance_scale=5.0, height=h, width=w, generator=[torch.Generator().manual_seed(4)], output_type="np",
             crops_coords_top_left=(4, 0),
         ).images  # fmt: skip
     got = pixels(ours["inpaint"](PROMPT, image=image, mask=mask, strength=1.0, negative_prompt=NEGATIVE,
                                  steps=STEPS, sampler="euler", guidance_scale=5.0, seed=4,
                                  crops_coords_top_left=(4, 0)))  # fmt: skip
-    assert_match(expected, got, "inpainting U-Net")
+    assert_match(expected, got, f"inpainting U-Net {size}")
 
 
 def test_batched_requests_keep_their_own_conditioning(ours):
