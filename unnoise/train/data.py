@@ -32,7 +32,9 @@ def build_dataset(cfg: DataConfig) -> ImageDataset:
     if cfg.dataset == "mnist":
         from unnoise.data.mnist import MNIST
 
-        return MNIST(cfg.part, size=cfg.size, split_seed=cfg.split_seed, cache_dir=cfg.cache_dir)
+        return MNIST(
+            cfg.part, size=cfg.size, split_seed=cfg.split_seed, cache_dir=cfg.cache_dir, upside_down=cfg.upside_down
+        )
     if cfg.dataset == "emoji":
         from unnoise.data.emoji import Emoji
 
@@ -47,6 +49,15 @@ def build_dataset(cfg: DataConfig) -> ImageDataset:
     from unnoise.data.folder import ImageFolder
 
     return ImageFolder(cfg.path, size=cfg.size, channels=cfg.channels, flip=cfg.flip)
+
+
+def cache_key(cfg: DataConfig) -> dict[str, Any]:
+    """What identifies the data set's images in ``LatentCache``: its config (``upside_down`` only where set, so the
+    keys of configs that predate it stay valid)."""
+    key = {**cfg.__dict__, "styles": list(cfg.styles)}
+    if not cfg.upside_down:
+        del key["upside_down"]
+    return key
 
 
 @dataclass
@@ -93,7 +104,8 @@ def batch_of(dataset: ImageDataset, indices: np.ndarray, rngs: list[np.random.Ge
 
 
 class TextCache:
-    """Text-encoder states per caption, computed once each (one caption per call, so batch-independent)."""
+    """Text-encoder states per caption of a frozen encoder, computed once each (one caption per call, so
+    batch-independent)."""
 
     def __init__(self, encoder: TextEncoder, max_entries: int = 50_000):
         self.encoder, self.max_entries = encoder, max_entries
@@ -111,8 +123,9 @@ class TextCache:
 class LatentCache:
     """Posterior mean and std of every training image under an autoencoder, encoded once and stored on disk.
 
-    The file is keyed by the autoencoder's weights and the data set, so a changed model or data set is encoded
-    anew. Each epoch the trainer draws fresh latents ``mean + std * noise`` from the stored posterior.
+    The file is keyed by the autoencoder's weights file and the data set (``key``: its config, which names any
+    transformation such as ``upside_down``), so a changed model or data set is encoded anew. Each epoch the trainer
+    draws fresh latents ``mean + std * noise`` from the stored posterior.
     """
 
     def __init__(self, mean: Tensor, std: Tensor):
@@ -120,10 +133,11 @@ class LatentCache:
 
     @classmethod
     def build(
-        cls, vae: AutoencoderKL, vae_dir: Path, dataset: ImageDataset, key: dict[str, Any], *, batch: int = 256
+        cls, vae: AutoencoderKL, weights: Path, dataset: ImageDataset, key: dict[str, Any], *, batch: int = 256
     ) -> LatentCache:
+        """Load or encode the latents of ``dataset`` under ``vae``, whose weights file is ``weights``."""
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode())
-        digest.update(file_sha256(vae_dir / "model.safetensors").encode())
+        digest.update(file_sha256(weights).encode())
         digest.update(str(len(dataset)).encode())
         path = cache_root(key.get("cache_dir")) / "latents" / f"{digest.hexdigest()[:20]}.safetensors"
         if path.exists():

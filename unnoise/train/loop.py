@@ -31,7 +31,7 @@ from unnoise.train.data import DataOrder, build_dataset
 from unnoise.train.distributed import World, no_sync, setup, teardown, wrap
 from unnoise.train.ema import EMA
 from unnoise.train.progress import Progress
-from unnoise.train.tasks import TASKS, Task
+from unnoise.train.tasks import Task, make_task
 
 # Settings a resumed run may change; any other difference from the checkpoint's config is an error.
 RESUMABLE_CHANGES = {"steps", "log_every", "checkpoint_every", "keep", "sample_every", "threads", "tensorboard"}
@@ -50,7 +50,8 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] | None = None) -> Path:
-    """Train until ``cfg.train.steps``; returns the exported model folder (``out_dir/model``)."""
+    """Train until ``cfg.train.steps``; returns what was exported (``out_dir/model``; ``out_dir/lora.safetensors``
+    for a LoRA)."""
     if cfg.train.threads is not None:
         torch.set_num_threads(cfg.train.threads)
     world = setup(cfg.train.device)
@@ -66,7 +67,7 @@ class _Run:
         self.out = Path(cfg.out_dir)
         torch.manual_seed(cfg.seed)  # identical initial weights on every process
         self.dataset = build_dataset(cfg.data)
-        self.task: Task = TASKS[cfg.task](cfg, self.dataset, world)
+        self.task: Task = make_task(cfg, self.dataset, world)
         for module in self.task.modules.values():
             module.to(world.device).train()
         self.nets = {name: wrap(m, world) for name, m in self.task.modules.items()}
@@ -196,7 +197,7 @@ class _Run:
         self.world.barrier()
 
     def _export(self) -> Path:
-        folder = self.out / "model"
+        folder = self.task.export_path(self.out)
         if self.world.is_main:
             model = self._averaged()
             self.task.export(model, folder)
@@ -209,7 +210,8 @@ class _Run:
 def _check_same_run(saved: TrainConfig, given: TrainConfig) -> None:
     """Raise unless ``given`` differs from the checkpoint's config only in settings a resume may change."""
     a, b = saved.to_dict(), given.to_dict()
-    differ = [f"{k}: {a[k]!r} -> {b[k]!r}" for k in a if k != "train" and a[k] != b[k]]
+    keys = [*a, *(k for k in b if k not in a)]  # a table only one of them has ([lora]) differs too
+    differ = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys if k != "train" and a.get(k) != b.get(k)]
     differ += [f"train.{k}: {a['train'][k]!r} -> {v!r}" for k, v in b["train"].items() if a["train"].get(k) != v]
     differ = [d for d in differ if d.split(":")[0].removeprefix("train.") not in RESUMABLE_CHANGES]
     if differ:

@@ -9,6 +9,7 @@ batch or how many micro-batches accumulate it.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +27,14 @@ from unnoise.core.samplers import sample
 from unnoise.data.base import ImageDataset
 from unnoise.data.captions import caption
 from unnoise.models.io import load_model, save_model
-from unnoise.models.text import MiniLMEncoder
+from unnoise.models.text import MiniLMEncoder, TextEncoder
 from unnoise.models.unet import UNet
 from unnoise.models.vae import AutoencoderKL, DiagonalGaussian
 from unnoise.pipeline.config import PipelineConfig, sampling_grid
 from unnoise.pipeline.loading import Components, save_components
 from unnoise.pipeline.png import make_grid, to_pil
 from unnoise.train.config import TrainConfig
-from unnoise.train.data import LatentCache, TextCache, batch_of, sample_rngs
+from unnoise.train.data import LatentCache, TextCache, batch_of, cache_key, sample_rngs
 from unnoise.train.distributed import World
 
 
@@ -62,7 +63,12 @@ class Task:
     def samples(self, model: nn.Module) -> Image.Image:
         raise NotImplementedError
 
-    def export(self, model: nn.Module, folder: Path) -> None:
+    def export_path(self, out_dir: Path) -> Path:
+        """Where ``export`` writes the trained network: ``out_dir/model`` (a folder) unless the task says otherwise."""
+        return out_dir / "model"
+
+    def export(self, model: nn.Module, path: Path) -> None:
+        """Write ``model`` (the averaged weights) to ``path`` (``export_path``)."""
         raise NotImplementedError
 
 
@@ -76,55 +82,97 @@ def autoencoder_folder(path: str | Path) -> Path:
 
 
 class DiffusionTask(Task):
-    """DDPM-style training of a U-Net, text-, class- or unconditioned, with condition dropout for guidance."""
+    """DDPM-style training of a U-Net, text-, class- or unconditioned, with condition dropout for guidance.
+
+    The networks around the trained one (autoencoder, text encoder) and what the exported pipeline declares
+    (``self.pipeline``: text encoder, prediction, schedule, sampling) come from ``[diffusion]`` here and from the
+    base pipeline for a LoRA (``unnoise.train.lora.LoRATask``), which shares everything else."""
 
     def __init__(self, cfg: TrainConfig, dataset: ImageDataset, world: World):
-        self.cfg, self.dataset, self.world = cfg, dataset, world
         d = cfg.diffusion
-        self.unet = UNet(cfg.network_config()).set_attention_mode(cfg.train.attention, chunk_size=4096)
-        self.modules = {"model": self.unet}
-        self.vae: AutoencoderKL | None = None
-        self.latents: LatentCache | None = None
-        channels = dataset.channels
+        unet = UNet(cfg.network_config())  # first: its initial weights are the first draws after the seed
+        vae, weights = None, None
         if d.autoencoder is not None:
             folder = autoencoder_folder(d.autoencoder)
-            self.vae = load_model(folder).to(world.device).eval().requires_grad_(False)
-            key = {**cfg.data.__dict__, "styles": list(cfg.data.styles)}
+            vae, weights = load_model(folder), folder / "model.safetensors"
+        encoder = MiniLMEncoder.from_package(max_length=d.text_encoder.max_length) if d.conditioning == "text" else None
+        side = cfg.data.size  # the size it was trained at: the server serves only that by default
+        pipeline = PipelineConfig(
+            text_encoder=d.text_encoder,
+            prediction=d.prediction,
+            schedule=d.schedule,
+            sampling=d.sampling,
+            sizes=((side, side),),
+        )
+        self.setup(cfg, dataset, world, unet, vae, weights, encoder, pipeline, d.conditioning)
+        self.modules = {"model": self.unet}
+
+    def setup(
+        self,
+        cfg: TrainConfig,
+        dataset: ImageDataset,
+        world: World,
+        unet: UNet,
+        vae: AutoencoderKL | None,
+        vae_weights: Path | None,
+        encoder: TextEncoder | None,
+        pipeline: PipelineConfig,
+        conditioning: str,
+    ) -> None:
+        """Check that the networks fit the data and each other, and cache what stays fixed (latents, text)."""
+        self.cfg, self.dataset, self.world = cfg, dataset, world
+        self.pipeline, self.conditioning = pipeline, conditioning
+        self.unet = unet.set_attention_mode(cfg.train.attention, chunk_size=4096)
+        self.vae, self.latents = vae, None
+        channels = dataset.channels
+        if vae is not None:
+            self.vae = vae.to(world.device).eval().requires_grad_(False)
+            if vae.config.in_channels != dataset.channels:
+                raise ValueError(
+                    f"the autoencoder reads {vae.config.in_channels}-channel images; the data set has "
+                    f"{dataset.channels} (data.channels for a folder)"
+                )
             if cfg.data.flip:
-                raise ValueError("data.flip = true with diffusion.autoencoder: cached latents hold one orientation")
-            self.latents = LatentCache.build(self.vae, folder, dataset, key)
-            channels = self.vae.config.latent_channels
+                raise ValueError("data.flip = true with an autoencoder: cached latents hold one orientation")
+            self.latents = LatentCache.build(self.vae, vae_weights, dataset, cache_key(cfg.data))
+            channels = vae.config.latent_channels
         c = self.unet.config
         if c.in_channels != channels or c.out_channels != channels:
             raise ValueError(f"model.in_channels/out_channels = {c.in_channels}/{c.out_channels}; need {channels}")
-        self.text: TextCache | None = None
-        if d.conditioning == "text":
-            encoder = MiniLMEncoder.from_package(max_length=d.text_encoder.max_length).to(world.device)
+        self.encoder, self.text = encoder, None
+        if conditioning == "text":
+            self.encoder = encoder.to(world.device)
             if c.cross_attention_dim != encoder.dim:
                 raise ValueError(
                     f"model.cross_attention_dim={c.cross_attention_dim}; the text encoder needs {encoder.dim}"
                 )
             self.text = TextCache(encoder)
-            self.empty = encoder.empty().hidden_states[0]
-        elif d.conditioning == "class":
+        elif conditioning == "class":
             classes = dataset.num_classes
             if classes is None or c.num_class_embeds != classes + 1:
                 raise ValueError(
                     f"model.num_class_embeds={c.num_class_embeds}; class conditioning needs the data set's "
                     f"{classes} classes + 1 (the unconditional label)"
                 )
-        self.schedule, _ = sampling_grid(d.schedule, d.sampling, 1)
-        self.objective = vp_loss(self.schedule, d.prediction, weighting=d.weighting, gamma=d.gamma)
+        d = cfg.diffusion
+        self.schedule, _ = sampling_grid(pipeline.schedule, pipeline.sampling, 1)
+        self.objective = vp_loss(self.schedule, pipeline.prediction, weighting=d.weighting, gamma=d.gamma)
+
+    def encode(self, texts: list[str]) -> Tensor:
+        """Text-encoder states (B, T, D) of ``texts`` on the training device ("" is the unconditional prompt)."""
+        return self.text(texts).to(self.world.device)
+
+    def network(self, nets: dict[str, nn.Module]) -> Callable[..., Tensor]:
+        """The network ``VPDenoiser`` calls in a training step: ``model(x, t, **cond)``."""
+        return nets["model"]
 
     def _condition(self, captions: list[str] | None, labels: Tensor | None, drop: Tensor) -> dict[str, Tensor]:
-        d, device = self.cfg.diffusion, self.world.device
-        if d.conditioning == "text":
-            states = self.text(captions).to(device)
-            states = torch.where(drop[:, None, None].to(device), self.empty.to(device), states)
-            return {"encoder_hidden_states": states}
-        if d.conditioning == "class":
+        if self.conditioning == "text":
+            texts = ["" if dropped else text for text, dropped in zip(captions, drop.tolist(), strict=True)]
+            return {"encoder_hidden_states": self.encode(texts)}
+        if self.conditioning == "class":
             null = torch.full_like(labels, self.dataset.num_classes)
-            return {"class_labels": torch.where(drop, null, labels).to(device)}
+            return {"class_labels": torch.where(drop, null, labels).to(self.world.device)}
         return {}
 
     def loss(self, nets: dict[str, nn.Module], indices: np.ndarray, part: slice, step: int) -> dict:
@@ -140,12 +188,11 @@ class DiffusionTask(Task):
             x0 = self.vae.to_latent(self.latents.sample(local, latent_noise[part]))
         else:
             x0 = batch.images
-        cond = self._condition(batch.captions, batch.labels, drop[part])
-        denoiser = VPDenoiser(nets["model"], self.schedule, self.cfg.diffusion.prediction)
-        with autocast(self.cfg.train.autocast, self.world.device):
-            per_sample = self.objective(
-                denoiser, x0.to(self.world.device), cond, noise=noise[part].to(self.world.device), sigma=sigma[part]
-            )
+        device = self.world.device
+        cond = self._condition(batch.captions, batch.labels, drop[part])  # the text encoder runs in its own dtype
+        denoiser = VPDenoiser(self.network(nets), self.schedule, self.pipeline.prediction)
+        with autocast(self.cfg.train.autocast, device):
+            per_sample = self.objective(denoiser, x0.to(device), cond, noise=noise[part].to(device), sigma=sigma[part])
         return {"loss": per_sample.float().sum()}
 
     def _sample_shape(self) -> tuple[int, int]:
@@ -155,25 +202,29 @@ class DiffusionTask(Task):
     @torch.no_grad()
     def samples(self, model: nn.Module) -> Image.Image:
         """A grid from fixed seeds: one image per sample prompt (text), per class (class) or eight (none)."""
-        d, device = self.cfg.diffusion, self.world.device
-        schedule, sigmas = sampling_grid(d.schedule, d.sampling, self.cfg.train.sample_steps)
-        denoiser = VPDenoiser(model, schedule, d.prediction)
-        if d.conditioning == "text":
+        return self.sample_grid(model)
+
+    def sample_grid(self, model: Callable[..., Tensor]) -> Image.Image:
+        """The sample grid of ``samples`` with the U-Net ``model``."""
+        d, device, sampling = self.cfg.diffusion, self.world.device, self.pipeline.sampling
+        schedule, sigmas = sampling_grid(self.pipeline.schedule, sampling, self.cfg.train.sample_steps)
+        denoiser = VPDenoiser(model, schedule, self.pipeline.prediction)
+        if self.conditioning == "text":
             prompts = list(d.sample_prompts) or self._default_prompts()
             n = len(prompts)
-            cond = {"encoder_hidden_states": self.text(prompts).to(device)}
-            guided = CFGDenoiser(denoiser, d.sampling.guidance_scale, {"encoder_hidden_states": self.empty[None]})
-        elif d.conditioning == "class":
+            cond = {"encoder_hidden_states": self.encode(prompts)}
+            guided = CFGDenoiser(denoiser, sampling.guidance_scale, {"encoder_hidden_states": self.encode([""])})
+        elif self.conditioning == "class":
             n = min(self.dataset.num_classes, 16)
             cond = {"class_labels": torch.arange(n, device=device)}
             null = {"class_labels": torch.full((1,), self.dataset.num_classes, device=device)}
-            guided = CFGDenoiser(denoiser, d.sampling.guidance_scale, null)
+            guided = CFGDenoiser(denoiser, sampling.guidance_scale, null)
         else:
             n, cond, guided = 8, {}, denoiser
         generators = [torch.Generator().manual_seed(i) for i in range(n)]
         shape = (n, self.unet.config.in_channels, *self._sample_shape())
         x = randn_like(torch.empty(shape), generators).to(device) * denoiser.prior_std(sigmas[0].item())
-        x = sample(guided, x, sigmas.to(device), d.sampling.sampler, generator=generators, **cond)
+        x = sample(guided, x, sigmas.to(device), sampling.sampler, generator=generators, **cond)
         pixels = self.vae.decode(self.vae.from_latent(x)) if self.vae is not None else x
         return make_grid(to_pil(pixels))
 
@@ -183,21 +234,12 @@ class DiffusionTask(Task):
         batch = self.dataset.batch(np.arange(min(len(self.dataset), 8)), np.random.default_rng(0))
         return batch.captions
 
-    def export(self, model: nn.Module, folder: Path) -> None:
-        """A text-to-image pipeline folder (text + latents), else the U-Net alone in ``folder/unet``."""
-        d = self.cfg.diffusion
-        if d.conditioning == "text" and self.vae is not None:
-            side = self.cfg.data.size  # the size it was trained at: the server serves only that by default
-            config = PipelineConfig(
-                text_encoder=d.text_encoder,
-                prediction=d.prediction,
-                schedule=d.schedule,
-                sampling=d.sampling,
-                sizes=((side, side),),
-            )
-            save_components(folder, Components(model, self.vae, self.text.encoder, config, None))
+    def export(self, model: nn.Module, path: Path) -> None:
+        """A text-to-image pipeline folder (text + latents), else the U-Net alone in ``path/unet``."""
+        if self.conditioning == "text" and self.vae is not None:
+            save_components(path, Components(model, self.vae, self.encoder, self.pipeline, None))
         else:
-            save_model(model, folder / "unet")
+            save_model(model, path / "unet")
 
 
 class PatchDiscriminator(nn.Module):
@@ -292,7 +334,7 @@ class AutoencoderTask(Task):
         return grid
 
     @torch.no_grad()
-    def export(self, model: nn.Module, folder: Path) -> None:
+    def export(self, model: nn.Module, path: Path) -> None:
         """The autoencoder with ``scaling_factor = 1 / std`` of its latents (as Rombach et al. 2022 set 0.18215)."""
         vae = model.vae
         count = min(self.cfg.autoencoder.scale_images, len(self.dataset))
@@ -302,7 +344,7 @@ class AutoencoderTask(Task):
         config = dataclasses.replace(vae.config, scaling_factor=float(1 / z.float().std()))
         scaled = AutoencoderKL(config)
         scaled.load_state_dict(vae.state_dict())
-        save_model(scaled, folder)
+        save_model(scaled, path)
 
 
 def _unwrapped(module: nn.Module) -> nn.Module:
@@ -319,3 +361,12 @@ def autocast(kind: str, device: torch.device) -> Any:
 
 
 TASKS = {"diffusion": DiffusionTask, "autoencoder": AutoencoderTask}
+
+
+def make_task(cfg: TrainConfig, dataset: ImageDataset, world: World) -> Task:
+    """The task of ``cfg``: ``TASKS[cfg.task]``, or a LoRA on a pipeline with a ``[lora]`` table."""
+    if cfg.lora is not None:
+        from unnoise.train.lora import LoRATask  # it extends DiffusionTask
+
+        return LoRATask(cfg, dataset, world)
+    return TASKS[cfg.task](cfg, dataset, world)
