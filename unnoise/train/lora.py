@@ -71,7 +71,8 @@ class LoRATask(DiffusionTask):
                 f"data.size={cfg.data.size} is not allowed for lora.base={settings.base!r}; allowed: a multiple of "
                 f"{factor} (its autoencoder's factor times the U-Net's downsamplings)"
             )
-        vae_weights = _weights_file(folder / "vae")
+        # the file the cached latents are keyed on: a single-file base holds its autoencoder itself
+        vae_weights = folder if folder.is_file() else _weights_file(folder / "vae")
         self.setup(cfg, dataset, world, unet, parts.vae, vae_weights, parts.text_encoder, parts.config, "text")
         generator = torch.Generator().manual_seed(cfg.seed)
         adapter = _create(TrainedAdapter, {"unet": unet}, settings.targets, settings, generator, convs=settings.convs)
