@@ -44,6 +44,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from unnoise.files import file_sha256
 from unnoise.models.packing import Conv2d as PackedConv2d
 
 LORA_FORMATS = ("kohya", "diffusers")
@@ -270,25 +271,32 @@ def _weights(tensors: dict[str, Tensor], alpha: float | None) -> LoRAWeights:
     return LoRAWeights(down, up, down.shape[0] if alpha is None else alpha)
 
 
-def lora_hash(path: str | Path) -> str:
-    """The short hash AUTOMATIC1111 records for a LoRA in "Lora hashes": the first 12 hex digits of the sha256 of a
-    safetensors file's bytes after its header (its "addnet" hash; a ``sshs_model_hash`` in the metadata, as kohya's
-    trainer writes it, is taken as is), of the whole file otherwise."""
+def tensor_data_sha256(path: str | Path) -> str:
+    """The sha256 (hex) of a safetensors file's bytes after its header: kohya's ``sshs_model_hash`` and AUTOMATIC1111's
+    "addnet" hash, which do not change when the metadata does."""
     import hashlib
 
-    path = Path(path)
     digest = hashlib.sha256()
     with open(path, "rb") as f:
-        if path.suffix.lower() == ".safetensors":
-            header = int.from_bytes(f.read(8), "little")
-            metadata = json.loads(f.read(header) or b"{}").get("__metadata__") or {}
-            if metadata.get("sshs_model_hash"):
-                return str(metadata["sshs_model_hash"])[:12]
-        else:
-            f.seek(0)
+        f.seek(8 + int.from_bytes(f.read(8), "little"))
         for block in iter(lambda: f.read(1 << 24), b""):
             digest.update(block)
-    return digest.hexdigest()[:12]
+    return digest.hexdigest()
+
+
+def lora_hash(path: str | Path) -> str:
+    """The short hash AUTOMATIC1111 records for a LoRA in "Lora hashes": the first 12 hex digits of
+    ``tensor_data_sha256`` for a safetensors file (a ``sshs_model_hash`` in its metadata, as kohya's trainer writes
+    it, is taken as is), of the sha256 of the whole file otherwise."""
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":
+        return file_sha256(path)[:12]
+    with open(path, "rb") as f:
+        header = int.from_bytes(f.read(8), "little")
+        metadata = json.loads(f.read(header) or b"{}").get("__metadata__") or {}
+    if metadata.get("sshs_model_hash"):
+        return str(metadata["sshs_model_hash"])[:12]
+    return tensor_data_sha256(path)[:12]
 
 
 # -- layers and adapters ----------------------------------------------------------------------------------------------

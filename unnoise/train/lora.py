@@ -139,9 +139,9 @@ class LoRATask(DiffusionTask):
             "unnoise_training_config": json.dumps(self.cfg.to_dict(), sort_keys=True),
         }
         save_lora(model, path, format=settings.format, metadata=metadata)
-        digest = data_sha256(path)
+        digest = lora.tensor_data_sha256(path)
         save_lora(model, path, format=settings.format, metadata={**metadata, "sshs_model_hash": digest})
-        if data_sha256(path) != digest:  # the tensors' bytes do not depend on the header; make sure of it
+        if lora.tensor_data_sha256(path) != digest:  # the tensors' bytes do not depend on the header; make sure of it
             raise RuntimeError(f"{path}: the tensor data changed when the header was rewritten")
 
 
@@ -183,14 +183,3 @@ def _unet_hash(weights: Path | None, unet: nn.Module) -> str:
     from safetensors.torch import save
 
     return hashlib.sha256(save({k: v.contiguous() for k, v in unet.state_dict().items()})).hexdigest()[:10]
-
-
-def data_sha256(path: Path) -> str:
-    """The sha256 of a safetensors file's bytes after its header: kohya's ``sshs_model_hash`` (AUTOMATIC1111's
-    "addnet" hash), which does not change when the metadata does."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        f.seek(8 + int.from_bytes(f.read(8), "little"))
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
