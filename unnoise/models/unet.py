@@ -11,7 +11,9 @@ restores the two steps. CPU inference runs through oneDNN on weights reordered o
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
@@ -21,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from unnoise.models import memory
 from unnoise.models.config import ModelConfig
+from unnoise.models.feature_cache import FeatureCache
 from unnoise.models.layers import (
     Downsample2D,
     GroupNorm32,
@@ -362,6 +365,7 @@ class UNet(LoRAHost, nn.Module):
         super().__init__()
         self.config = config
         self.gradient_checkpointing = False
+        self.feature_cache: FeatureCache | None = None  # set by ``caching``
         ch = config.block_out_channels
         self.conv_in = Conv2d(config.in_channels, ch[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(ch[0], config.time_embed_dim)
@@ -477,12 +481,27 @@ class UNet(LoRAHost, nn.Module):
         context = encoder_hidden_states.to(self.dtype) if encoder_hidden_states is not None else None
         h = self.conv_in(x.to(self.dtype))
         skips = [h]
-        for block in self.down_blocks:
-            h, block_skips = self._run(block, h, temb, context)
-            skips += block_skips
-        if self.mid_block is not None:
-            h = self._run(self.mid_block, h, temb, context)
-        for block in self.up_blocks:
+        cache = self.feature_cache
+        reused = cache is not None and cache.reuse(t, x)
+        if reused:  # only the outer levels run; the inner ones' output is cached
+            last = self.down_blocks[cache.depth - 1]
+            for block in self.down_blocks[: cache.depth - 1]:
+                h, block_skips = self._run(block, h, temb, context)
+                skips += block_skips
+            for i in range(len(last.resnets)):  # without its downsampler: that feeds the cached levels only
+                h = last.layer(i, h, temb, context)
+                skips.append(h)
+            h, up_blocks = cache.features, self.up_blocks[-cache.depth :]
+        else:
+            for block in self.down_blocks:
+                h, block_skips = self._run(block, h, temb, context)
+                skips += block_skips
+            if self.mid_block is not None:
+                h = self._run(self.mid_block, h, temb, context)
+            up_blocks = self.up_blocks
+        for i, block in enumerate(up_blocks):
+            if cache is not None and not reused and len(up_blocks) - i == cache.depth:
+                cache.store(h)  # the input of the outer up blocks
             n = len(block.resnets)
             h = self._run(block, h, skips[-n:], temb, context)
             del skips[-n:]
@@ -554,6 +573,31 @@ class UNet(LoRAHost, nn.Module):
         _check_conditioning("class_labels", class_labels, labels_shape, "this model has no class embedding")
         if class_labels is not None and class_labels.is_floating_point():
             raise ValueError(f"class_labels has dtype {class_labels.dtype}; expected integer labels in [0, {n_class})")
+
+    @contextlib.contextmanager
+    def caching(
+        self, interval: int, *, t_range: tuple[float, float] | None = None, depth: int = 1
+    ) -> Iterator[FeatureCache]:
+        """Reuse the inner levels' features between calls while the context is open (``feature_cache``): every
+        ``interval``-th call is full, and the others run the outer ``depth`` levels only; calls with timesteps
+        outside ``t_range`` are full. Yields the cache (it counts full and reused calls)."""
+        cache = FeatureCache(interval, t_range=t_range, depth=depth)
+        self._check_cache_depth(depth)
+        if self.feature_cache is not None:
+            raise RuntimeError("this U-Net already has a feature cache open; close it before opening another")
+        self.feature_cache = cache
+        try:
+            yield cache
+        finally:
+            self.feature_cache = None
+
+    def _check_cache_depth(self, depth: int) -> None:
+        # The outer ``depth`` down levels (without the last one's downsampler) push exactly the skips the last
+        # ``depth`` up blocks pop: the up path mirrors the down path (``_up_block``), so any depth up to the
+        # number of levels can be cached.
+        levels = len(self.down_blocks)
+        if depth > levels:
+            raise ValueError(f"cache depth={depth} is not allowed; this U-Net has {levels} levels")
 
     def set_attention_mode(self, mode: str = "sdpa", chunk_size: int = 1024) -> UNet:
         """Fused SDPA or query-chunked attention (bounded peak memory) in every attention layer; returns self."""
