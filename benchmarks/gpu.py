@@ -38,6 +38,7 @@ from unnoise.core.denoisers import VPDenoiser  # noqa: E402
 from unnoise.core.guidance import CFGDenoiser  # noqa: E402
 from unnoise.core.samplers import sample  # noqa: E402
 from unnoise.core.schedules import VPSchedule  # noqa: E402
+from unnoise.models.graphs import GraphedUNet  # noqa: E402
 from unnoise.models.io import diffusers_key, load_state  # noqa: E402
 from unnoise.models.layers import set_upsample_fusion  # noqa: E402
 from unnoise.models.packing import set_weight_packing  # noqa: E402
@@ -306,6 +307,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--tiny", action="store_true", help="small channels, to check the script on a CPU")
     parser.add_argument(
+        "--graphs", action="store_true", help="also ours with the U-Net replayed as CUDA graphs (unnoise.models.graphs)"
+    )
+    parser.add_argument(
         "--planner-batches",
         type=lambda text: tuple(int(b) for b in text.split(",") if b),
         default=(1, 2, 4),
@@ -348,6 +352,18 @@ def side_summary(models: tuple, timing: tuple, flops: float, peak: float | None)
     }
 
 
+def graph_summary(graphed: GraphedUNet, timings: dict) -> dict:
+    """The CUDA-graph side against plain ours: latency ratio, largest image difference, what the wrapper did."""
+    return {
+        "latency_ratio_graphs_over_ours": timings["ours_graphs"][1] / timings["ours"][1],
+        "max_abs_image_difference_graphs": (timings["ours_graphs"][0].float() - timings["ours"][0].float())
+        .abs()
+        .max()
+        .item(),
+        "graph_stats": dataclasses.asdict(graphed.stats),
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     diffusers = import_diffusers()
@@ -366,7 +382,11 @@ def main(argv: list[str] | None = None) -> dict:
         ours_fn = lambda: run_ours(unet, vae, latents, cond, uncond, steps, scale)  # noqa: E731
         unfused_fn = lambda: run_ours(unet_u, vae_u, latents, cond, uncond, steps, scale)  # noqa: E731
         theirs_fn = lambda: run_diffusers(diffusers, d_unet, d_vae, latents, cond, uncond, steps, scale)  # noqa: E731
-        timings = timed({"ours": ours_fn, "ours_unfused": unfused_fn, "diffusers": theirs_fn}, device, args.runs)
+        fns = {"ours": ours_fn, "ours_unfused": unfused_fn, "diffusers": theirs_fn}
+        if args.graphs:  # the same U-Net and VAE as "ours", the U-Net's calls replayed from one captured graph
+            sides["ours_graphs"] = (graphed := GraphedUNet(unet), vae)
+            fns["ours_graphs"] = lambda: run_ours(graphed, vae, latents, cond, uncond, steps, scale)
+        timings = timed(fns, device, args.runs)
         # the architecture's FLOPs as published (two-step upsampling); the fused upsamplers do fewer
         batch = guidance_batch(cond, uncond)
         unet_flops = count_flops(lambda: unet_u(torch.cat([latents, latents]), 500, **batch))
@@ -393,6 +413,7 @@ def main(argv: list[str] | None = None) -> dict:
         **{side: side_summary(models, timings[side], flops, peak) for side, models in sides.items()},
         "latency_ratio_ours_over_diffusers": timings["ours"][1] / timings["diffusers"][1],
         "latency_ratio_fused_over_unfused_upsampling": timings["ours"][1] / timings["ours_unfused"][1],
+        **(graph_summary(graphed, timings) if args.graphs else {}),
         "vram_planner": planner,
     }
     print(json.dumps(result, indent=2))
@@ -407,6 +428,23 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
+def graphs_paragraph(result: dict) -> list[str]:
+    """What the CUDA-graph row adds to the report (nothing for a run without ``--graphs``)."""
+    if "ours_graphs" not in result:
+        return []
+    stats = result["graph_stats"]
+    return [
+        "",
+        "Ours + CUDA graphs: the same U-Net and VAE as the first row, the U-Net's calls replayed from a graph captured "
+        "once (`unnoise.models.graphs.GraphedUNet`: three warm-up calls on a side stream, then the capture, in the "
+        "side's warm-up call; its memory pool stays allocated between calls and is not in the activation column); "
+        "the sampler step and the VAE decode run as before. Latency with graphs / without: "
+        f"**{result['latency_ratio_graphs_over_ours']:.3f}x**; largest absolute difference between the two decoded "
+        f"images {result['max_abs_image_difference_graphs']:.3g}; graphs captured {stats['captured']}, U-Net calls "
+        f"replayed {stats['replayed']}, run eagerly {stats['eager']}.",
+    ]
+
+
 def report(result: dict, command: str) -> str:
     """docs/benchmarks/gpu.md from one run's results."""
     rows = [
@@ -416,6 +454,7 @@ def report(result: dict, command: str) -> str:
         for side, r in (
             ("ours", result["ours"]),
             ("ours, unfused upsampling", result.get("ours_unfused")),
+            ("ours + CUDA graphs", result.get("ours_graphs")),
             ("diffusers", result["diffusers"]),
         )  # fmt: skip
         if r is not None
@@ -458,6 +497,7 @@ def report(result: dict, command: str) -> str:
             "default; one convolution on the low-resolution map, a transposed convolution on CUDA, instead of "
             "nearest 2x + 3x3 conv) against the unfused layout: "
             f"**{result.get('latency_ratio_fused_over_unfused_upsampling', float('nan')):.3f}x**.",
+            *graphs_paragraph(result),
             "",
             "The serve VRAM planner (`unnoise.serve.vram`) on this configuration: estimated activation memory of a "
             "2-step generation, and of each phase alone (U-Net on the guidance batch of 2B, VAE decode of B), "
