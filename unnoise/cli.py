@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import math
 import os
 import re
@@ -28,6 +29,8 @@ from unnoise.core.samplers import SAMPLERS
 from unnoise.core.schedules import SPACINGS
 from unnoise.eval.cli import add_parser as add_eval_parser
 from unnoise.pipeline import Pipeline
+from unnoise.pipeline.hires import UPSCALERS, Hires
+from unnoise.pipeline.images import INPAINTING_FILLS, RESIZE_MODES
 from unnoise.pipeline.png import call_arguments, make_grid, parse_parameters, read_png_parameters, save_png
 from unnoise.safety import PROVENANCE_KEYS, SafetyConfig, image_verdict
 from unnoise.serve.cli import add_parser as add_serve_parser
@@ -50,9 +53,22 @@ _FLAGS = {
     "image": "--init-image",
     "strength": "--strength",
     "mask": "--mask",
+    "resize_mode": "--resize-mode",
+    "mask_blur": "--mask-blur",
+    "mask_invert": "--invert-mask",
+    "inpainting_fill": "--inpainting-fill",
+    "inpaint_full_res": "--inpaint-full-res",
+    "inpaint_full_res_padding": "--inpaint-full-res",
+    "paste_back": "--no-paste-back",
+    "hires": "--hires",
+    "hires.scale": "--hires-scale",
+    "hires.upscaler": "--hires-upscaler",
+    "hires.steps": "--hires-steps",
+    "hires.strength": "--hires-strength",
     "guidance_rescale": "--from-png",
     "guidance_interval": "--from-png",
     "loras": "--lora",
+    "prompt_syntax": "--plain-prompts",
 }
 # The setting that the pipeline records when a call was given its initial noise instead of a seed.
 _GIVEN_NOISE = "Initial noise"
@@ -183,13 +199,32 @@ def _add_generate(commands: Any) -> None:
     p.add_argument("--init-image", type=Path, metavar="F", help="image-to-image from this image")
     p.add_argument("--strength", type=float, metavar="X", help="share of the steps to run from --init-image, (0, 1]")
     p.add_argument("--mask", type=Path, metavar="F", help="inpaint where this image is white (needs --init-image)")
+    p.add_argument("--resize-mode", choices=RESIZE_MODES, help="fit --init-image of another size than --size: "
+                   "resize (stretch), crop, fill or latent (resize the latents), as AUTOMATIC1111")  # fmt: skip
+    p.add_argument("--mask-blur", type=float, metavar="X", help="std in pixels of the mask's blur (default 4)")
+    p.add_argument("--invert-mask", action="store_true", help="inpaint where --mask is black")
+    p.add_argument("--inpainting-fill", choices=INPAINTING_FILLS, help="what lies under the mask before sampling "
+                   "(default original)")  # fmt: skip
+    p.add_argument("--inpaint-full-res", type=int, nargs="?", const=32, metavar="PADDING", help="inpaint only the "
+                   "mask's box plus PADDING pixels (default 32), at --size, then paste it back")  # fmt: skip
+    p.add_argument("--no-paste-back", action="store_true", help="keep the generated pixels outside the mask too")
+    p.add_argument("--hires", action="store_true", help="hires fix: a second, upscaled img2img pass (2x, latent)")
+    p.add_argument("--hires-scale", type=float, metavar="X", help="hires fix at X times --size (implies --hires)")
+    p.add_argument("--hires-upscaler", choices=list(UPSCALERS), metavar="NAME", help="hires fix upscaler, one of "
+                   f"{', '.join(UPSCALERS)} (implies --hires)")  # fmt: skip
+    p.add_argument("--hires-steps", type=int, metavar="N", help="steps of the hires pass (default: --steps)")
+    p.add_argument("--hires-strength", type=float, metavar="X", help="denoising strength of the hires pass "
+                   "(default 0.7)")  # fmt: skip
     p.add_argument("--from-png", type=Path, metavar="FILE", help="regenerate FILE from its parameters")
     p.add_argument("--lora", type=_lora, action="append", default=[], metavar="FILE[:SCALE]",
                    help="apply a LoRA file (or the name of one in --lora-dir) at SCALE (default 1; repeatable); its "
                    "name is the file's stem")  # fmt: skip
     p.add_argument("--lora-dir", type=_folder, metavar="DIR", help="LoRA files found by name: those that a "
                    "--from-png image names, and --lora NAME")  # fmt: skip
+    p.add_argument("--plain-prompts", action="store_true", help="prompts go to the text encoder as written: no "
+                   "(emphasis:1.2), [edit:ing:0.5], BREAK, long-prompt windows or <lora:name:w> tags")  # fmt: skip
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--cuda-graphs", action="store_true", help="replay the U-Net as CUDA graphs (a CUDA device only)")
     p.add_argument("--no-safety", action="store_true", help="no prompt filter, image filter or watermark")
     p.add_argument("--safety-clip", type=Path, metavar="DIR", help="a CLIP model folder: also filter images")
     p.add_argument(
@@ -253,6 +288,10 @@ def generate(args: argparse.Namespace) -> None:
     """``unnoise generate``: load the model, run the pipeline with a progress bar, write PNGs, print their paths."""
     settings, keep, recorded = _settings(args)
     pipe = _load(args.model, args.device)
+    pipe.prompt_syntax = not args.plain_prompts
+    if args.cuda_graphs:
+        with _user_errors("--cuda-graphs"):
+            pipe.enable_cuda_graphs()
     if not args.no_safety:
         with _user_errors("--safety-clip"):
             pipe.enable_safety(SafetyConfig(clip_model=args.safety_clip))
@@ -296,8 +335,14 @@ def _settings(args: argparse.Namespace) -> tuple[dict[str, Any], int | None, dic
         prompt=args.prompt, negative_prompt=args.negative, num_images=args.num_images, steps=args.steps,
         sampler=args.sampler, spacing=args.spacing, guidance_scale=args.guidance, seed=args.seed, width=size[0],
         height=size[1], image=args.init_image, strength=args.strength, mask=args.mask,
+        resize_mode=args.resize_mode, mask_blur=args.mask_blur, mask_invert=args.invert_mask or None,
+        inpainting_fill=args.inpainting_fill, inpaint_full_res=args.inpaint_full_res is not None or None,
+        inpaint_full_res_padding=args.inpaint_full_res, paste_back=False if args.no_paste_back else None,
     )  # fmt: skip
     given = {k: v for k, v in given.items() if v is not None}
+    hires = dict(scale=args.hires_scale, upscaler=args.hires_upscaler, steps=args.hires_steps,
+                 strength=args.hires_strength)  # fmt: skip
+    hires = {k: v for k, v in hires.items() if v is not None}
     settings: dict[str, Any] = {}
     recorded: dict[str, Any] = {"extra": {}}
     keep = None
@@ -316,6 +361,8 @@ def _settings(args: argparse.Namespace) -> tuple[dict[str, Any], int | None, dic
     elif args.prompt is None:
         raise UsageError("argument prompt: required unless --from-png FILE is given")
     settings |= given
+    if hires or args.hires:  # the flags given change the recorded hires fix, if any
+        settings["hires"] = dataclasses.replace(settings.get("hires") or Hires(), **hires)
     if "strength" in settings and "image" not in settings:
         if "strength" in given:
             raise UsageError(f"argument --strength: {args.strength} applies to --init-image, which is not given")

@@ -24,6 +24,9 @@ def user_errors(
     except kinds as error:
         message = str(error)
         if flag is None:
-            name = re.match(r"(\w+)=", message)
-            flag = (flags or {}).get(name[1]) if name else None
+            name = re.match(r"([\w.]+)=", message)  # "field=" or "group.field=" (hires.scale=...)
+            if name is not None and flags:
+                flag = flags.get(name[1], flags.get(name[1].split(".")[0]))
+            else:
+                flag = None
         raise UsageError(f"argument {flag}: {message}" if flag else message) from None

@@ -8,6 +8,7 @@ from unnoise.pipeline.config import (
     TextEncoderConfig,
     sampling_grid,
 )
+from unnoise.pipeline.hires import UPSCALERS, Hires
 from unnoise.pipeline.inputs import ImageInput, Request, ResolvedRequest, resolve_request
 from unnoise.pipeline.loading import DEFAULT_MODEL, Components, load_components, resolve_model, save_components
 from unnoise.pipeline.pipeline import GenerationCancelled, KnownRegion, Pipeline, StepCallback, UNetDenoiserModel
@@ -18,6 +19,7 @@ __all__ = [
     "SCHEDULERS",
     "Components",
     "GenerationCancelled",
+    "Hires",
     "ImageInput",
     "KnownRegion",
     "Pipeline",
@@ -28,6 +30,7 @@ __all__ = [
     "ScheduleConfig",
     "StepCallback",
     "TextEncoderConfig",
+    "UPSCALERS",
     "UNetDenoiserModel",
     "load_components",
     "resolve_model",

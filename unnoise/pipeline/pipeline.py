@@ -4,8 +4,9 @@
 HTTP endpoint call it): it resolves each request once (``inputs``), encodes the distinct prompts once, wraps the
 U-Net as ``VPDenoiser`` -> ``CFGDenoiser`` (-> ``KnownRegion`` when inpainting with a model not trained for it),
 draws each image's noise from its own generator seeded ``seed + i`` (AUTOMATIC1111's convention, so image i is the
-same whatever the batch), runs one sampler pass over the grid of the model's scheduler config, decodes the latents,
-records each image's parameters and applies the safety stage. Loading is in ``loading``, the config in ``config``.
+same whatever the batch), runs one sampler pass over the grid of the model's scheduler config (and a second, upscaled
+img2img pass for a hires fix), decodes the latents, pastes inpainted images back into their originals, records each
+image's parameters and applies the safety stage. Loading is in ``loading``, the config in ``config``.
 """
 
 from __future__ import annotations
@@ -30,9 +31,12 @@ from unnoise.core.samplers import sample
 from unnoise.core.schedules import VPSchedule
 from unnoise.files import file_sha256
 from unnoise.models import lora
+from unnoise.models.graphs import DEFAULT_MAX_GRAPHS, GraphedUNet
 from unnoise.models.packing import prepare_for_inference
 from unnoise.models.text import MiniLMEncoder, TextEncoder
 from unnoise.pipeline.config import PipelineConfig, sampling_grid
+from unnoise.pipeline.hires import UPSCALERS, upscale_image, upscale_latents
+from unnoise.pipeline.images import paste_back, to_tensor
 from unnoise.pipeline.inputs import (
     AESTHETIC_SCORE,
     BATCH_KEY_FIELDS,
@@ -50,6 +54,7 @@ from unnoise.pipeline.loading import (
     save_components,
 )
 from unnoise.pipeline.png import add_provenance, format_parameters, to_pil
+from unnoise.pipeline.prompts import StepConditioned, encode_prompts, extract_loras, prompt_schedule, text_at_step
 from unnoise.safety import PROVENANCE_INFO, SafetyChecker, SafetyConfig
 
 # callback(step, total, sigma, latents_preview) -> True to cancel; step counts from 0, the preview is D(x, sigma).
@@ -108,6 +113,71 @@ class _Start:
     known: tuple[Tensor, Tensor] | None = None  # (latent mask, z0) for KnownRegion
 
 
+def _image_parameters(req: ResolvedRequest) -> dict[str, Any]:
+    """The img2img, inpainting and hires settings for the PNG parameters: AUTOMATIC1111's where it writes them
+    (mask blur also at 0, so that a default of 4 does not replace it when read back), ours for the rest."""
+    out: dict[str, Any] = {}
+    if req.image is not None and req.resize_mode != "resize":
+        out["resize_mode"] = req.resize_mode
+    if req.mask is not None:
+        out["mask_blur"] = req.mask_blur
+        out["mask_invert"] = req.mask_invert or None
+        out["inpainting_fill"] = req.inpainting_fill if req.inpainting_fill != "original" else None
+        out["inpaint_full_res"] = True if req.inpaint_full_res_padding is not None else None
+        out["inpaint_full_res_padding"] = req.inpaint_full_res_padding
+        out["paste_back"] = None if req.overlay is not None and req.overlay.blend else False
+    if req.hires is not None:
+        hires = req.hires.hires
+        if hires.width or hires.height:
+            out["hires_resize"] = (hires.width or 0, hires.height or 0)
+        else:
+            out["hires_scale"] = hires.scale
+        out["hires_steps"] = hires.steps or None
+        out["hires_upscaler"] = hires.upscaler
+    return out
+
+
+def _shifted(callback: StepCallback, done: int, total: int) -> StepCallback:
+    """``callback`` told of step ``done + i`` of ``total`` when a pass reports step i."""
+    return lambda i, _, sigma, preview: callback(done + i, total, sigma, preview)
+
+
+_STEPS = "prompt_steps"  # the key of ``cond`` under which ``_conditioning`` hands ``_sample`` a prompt schedule
+
+
+@dataclasses.dataclass
+class _StepConditioning:
+    """Conditioning that changes with the step: ``segments[segment_of_step[i]]`` = (cond, uncond) at step i. The
+    guidance holds ``uncond`` (a dict it reads at every call): ``use_uncond`` puts a segment's entries into it."""
+
+    segment_of_step: list[int]
+    segments: list[tuple[dict[str, Any], dict[str, Any]]]
+    uncond: dict[str, Any]
+
+    def use_uncond(self, k: int) -> None:
+        self.uncond.update(self.segments[k][1])
+
+
+def _schedule(req: ResolvedRequest, text: str, steps: int, *, tags: bool = False) -> list[tuple[int, str, bool]]:
+    """(last step, text to encode, prompt language on) over ``steps``: the prompt without its LoRA tags and with its
+    edits and alternations resolved, or the text as written when the request turns the language off."""
+    if not req.prompt_syntax:
+        return [(steps, text, False)]
+    if tags:
+        text = extract_loras(text)[0]
+    return [(last, at, True) for last, at in prompt_schedule(text, steps)]
+
+
+def _text_at(schedule: list[tuple[int, str, bool]], step: int) -> tuple[str, bool]:
+    syntax = schedule[0][2]
+    return text_at_step([(last, text) for last, text, _ in schedule], step), syntax
+
+
+def _tags(req: ResolvedRequest) -> set[str]:
+    """The LoRAs a request's prompt tags (``<lora:name:w>``), which its parameters keep in the prompt as written."""
+    return set(extract_loras(req.prompt)[1]) if req.prompt_syntax else set()
+
+
 def _check_compatible(reqs: list[ResolvedRequest]) -> None:
     """One sampler pass needs one batch key: name the first setting where a request differs from the first."""
     for i, req in enumerate(reqs[1:], start=1):
@@ -131,8 +201,11 @@ class Pipeline:
         *,
         name: str | None = None,
         unet_weights: str | Path | None = None,
+        prompt_syntax: bool = True,
     ):
         self.unet, self.vae, self.text_encoder = unet.eval(), vae.eval(), text_encoder
+        # AUTOMATIC1111's prompt language (unnoise.pipeline.prompts) for requests that leave ``prompt_syntax`` None
+        self.prompt_syntax = prompt_syntax
         self._prepare_networks()
         self.config = config or PipelineConfig()
         self.name = name
@@ -144,6 +217,7 @@ class Pipeline:
         self.single_file: SingleFileInfo | None = None  # what a single-file checkpoint was detected to be
         self._loras: dict[str, lora.LoadedLoRA] = {}  # adapters by name, in loading order
         self._lora_scales: dict[str, float] = {}
+        self.graphed_unet: GraphedUNet | None = None  # enable_cuda_graphs
         self.lora_dir: Path | None = None  # LoRA files a request may name without loading them first
         latent, c = vae.config.latent_channels, unet.config
         if c.in_channels not in (latent, 2 * latent + 1) or c.out_channels != latent:
@@ -220,6 +294,17 @@ class Pipeline:
         self.text_encoder.to(device=device)
         self._prepare_networks()
         return self
+
+    def enable_cuda_graphs(self, enabled: bool = True, *, max_graphs: int = DEFAULT_MAX_GRAPHS) -> None:
+        """Run the U-Net through CUDA graphs, one captured per input signature (batch, size, conditioning) up to
+        ``max_graphs`` and replayed (``unnoise.models.graphs``); ``enabled=False`` goes back to plain calls. Needs the
+        U-Net on a CUDA device (a ValueError otherwise); LoRA changes and moves recapture by themselves."""
+        if not enabled:
+            self.graphed_unet = None
+            return
+        if self.device.type != "cuda":
+            raise ValueError(f"cuda_graphs needs the U-Net on a CUDA device; it is on {self.device.type}")
+        self.graphed_unet = GraphedUNet(self.unet, max_graphs=max_graphs)
 
     def _prepare_networks(self) -> None:
         """The inference defaults of the U-Net and the VAE on their device: on the CPU conv weights packed in place
@@ -454,10 +539,36 @@ class Pipeline:
         if self.safety is not None:
             for req in reqs:
                 self.safety.require_allowed(req.prompt)  # PromptBlocked (a ValueError naming the category)
+        plan = reqs[0].hires
+        first_steps, hires_steps = len(self._grid(reqs[0])[1]) - 1, plan.steps if plan else 0
+        x = self._pass(reqs, callback, 0, first_steps + hires_steps)
+        if plan is not None:  # hires fix: img2img of the upscaled first pass, each image its own request
+            x = self._pass(self._hires_requests(reqs, x), callback, first_steps, first_steps + hires_steps)
+        images = self.decode(x)
+        out, begin = [], 0
+        for req in reqs:
+            mine = [self._paste_back(req, image) for image in images[begin : begin + req.num_images]]
+            for i, image in enumerate(mine):
+                image.info["parameters"] = self._parameters(req, i)
+            out.append(self._finish(mine))
+            begin += req.num_images
+        return out
+
+    def _pass(self, reqs: list[ResolvedRequest], callback: StepCallback | None, done: int, total: int) -> Tensor:
+        """One sampler pass over compatible requests: the final latents. ``callback`` sees steps ``done + i`` of
+        ``total`` (a hires fix runs two passes)."""
+        callback = _shifted(callback, done, total) if callback is not None else None
+        try:
+            return self._one_pass(reqs, callback)
+        except GenerationCancelled as cancelled:
+            raise GenerationCancelled(done + cancelled.step, total) from None
+
+    def _one_pass(self, reqs: list[ResolvedRequest], callback: StepCallback | None) -> Tensor:
         first = reqs[0]
         schedule, sigmas = self._grid(first)
         quantize = self.config.sampling.quantize and first.spacing == "karras"
-        vp = VPDenoiser(UNetDenoiserModel(self.unet), schedule, self.config.prediction, quantize=quantize)
+        model = UNetDenoiserModel(self.unet if self.graphed_unet is None else self.graphed_unet)
+        vp = VPDenoiser(model, schedule, self.config.prediction, quantize=quantize)
         starts = [self._start(req, sigmas, vp.prior_std(sigmas[0].item())) for req in reqs]
         x = torch.cat([start.x for start in starts])
         generators = [g for start in starts for g in start.generators]
@@ -471,15 +582,35 @@ class Pipeline:
                 mask, z0 = (torch.cat(parts) for parts in zip(*(start.known for start in starts), strict=True))
                 denoiser = KnownRegion(denoiser, mask, z0)
             x = self._sample(denoiser, x, sigmas, first.sampler, generators, callback, cond)
-        images = self.decode(x)
+        return x
+
+    def _hires_requests(self, reqs: list[ResolvedRequest], latents: Tensor) -> list[ResolvedRequest]:
+        """The hires fix's second pass: one img2img request per image (seed ``seed + i``) at the upscaled size, from
+        its latents interpolated (latent upscalers) or from its image decoded and resized (the others)."""
+        plan = reqs[0].hires
+        latent = UPSCALERS[plan.hires.upscaler].mode is not None
+        if latent:
+            upscaled = [None] * len(latents)
+            inits = list(upscale_latents(latents, plan, self.vae_factor).split(1))
+        else:
+            upscaled = [to_tensor(upscale_image(image, plan)) for image in self.decode(latents)]
+            inits = [None] * len(latents)
         out, begin = [], 0
         for req in reqs:
-            mine = images[begin : begin + req.num_images]
-            for i, image in enumerate(mine):
-                image.info["parameters"] = self._parameters(req, i)
-            out.append(self._finish(mine))
+            for i in range(req.num_images):
+                out.append(dataclasses.replace(
+                    req, num_images=1, seed=req.seed + i, width=plan.size[0], height=plan.size[1],
+                    steps=plan.grid_steps, strength=plan.hires.strength, run_steps=plan.steps,
+                    image=upscaled[begin + i], init_latents=inits[begin + i], latents=None, hires=None,
+                ))  # fmt: skip
             begin += req.num_images
         return out
+
+    @staticmethod
+    def _paste_back(req: ResolvedRequest, image: Image.Image) -> Image.Image:
+        """Inpainting: the generated image put back into the original (``images.paste_back``)."""
+        o = req.overlay
+        return image if o is None else paste_back(image, o.original, o.mask, o.box, blend=o.blend)
 
     def _finish(self, images: list[Image.Image]) -> list[Image.Image]:
         """The safety stage's image filter, watermark and provenance, written into each image's parameters."""
@@ -493,39 +624,74 @@ class Pipeline:
     def _grid(self, req: ResolvedRequest) -> tuple[VPSchedule, Tensor]:
         """The schedule and grid of the scheduler config; img2img keeps the tail that ``strength`` selects."""
         schedule, sigmas = sampling_grid(self.config.schedule, self.config.sampling, req.steps, req.spacing)
-        if req.image is not None:  # as diffusers' img2img: start at index steps - int(steps * strength)
-            sigmas = sigmas[req.steps - int(req.steps * req.strength) :]
+        if req.image is not None or req.init_latents is not None:  # diffusers' img2img: start at steps - int(...)
+            run = int(req.steps * req.strength) if req.run_steps is None else req.run_steps
+            sigmas = sigmas[req.steps - run :]
         return schedule, sigmas
 
     def _conditioning(self, reqs: list[ResolvedRequest], starts: list[_Start]) -> tuple[dict[str, Any], dict[str, Any]]:
         """Prompt and negative-prompt embeddings of every image (the cached empty prompt where a request has no
-        negative prompt or guidance is off), each distinct text encoded once, and the inpainting channels."""
+        negative prompt or guidance is off), each distinct text encoded once, and the inpainting channels.
+
+        Prompts in AUTOMATIC1111's language (``prompts``; per request, ``prompt_syntax``) lose their LoRA tags, are
+        encoded with their emphasis in windows, every text padded to the same number of windows with empty-prompt
+        windows, and follow their editing schedule over the request's steps. When some text changes with the step,
+        ``cond`` holds the step-0 conditioning and, under ``_STEPS``, every step's; ``_sample`` applies them."""
+        steps = reqs[0].steps
         negatives = [None if r.guidance_scale == 1.0 else r.negative_prompt for r in reqs]
-        texts = sorted({r.prompt for r in reqs} | {n for n in negatives if n is not None})
-        out = self.text_encoder.encode(texts)
-        encoded = dict(zip(texts, zip(out.hidden_states.to(self.device), out.pooled.to(self.device)), strict=True))
+        pos = [_schedule(r, r.prompt, steps, tags=True) for r in reqs]
+        neg = [None if n is None else _schedule(r, n, steps) for r, n in zip(reqs, negatives, strict=True)]
+        encoded = self._encode_texts({(text, syntax) for s in pos + neg if s for _, text, syntax in s})
+        windows = next(iter(encoded.values()))[0].shape[0] // self.text_encoder.max_length
         if self.config.text_encoder.force_zeros_for_empty_prompt:  # SDXL base: zeros, not the empty prompt's states
             first = next(iter(encoded.values()))
             empty = (torch.zeros_like(first[0]), torch.zeros_like(first[1]))
         else:
             blank = self.text_encoder.empty()
-            empty = (blank.hidden_states[0].to(self.device), blank.pooled[0].to(self.device))
-        pos = [encoded[r.prompt] for r in reqs]
-        neg = [empty if n is None else encoded[n] for n in negatives]
+            empty = (blank.hidden_states[0].to(self.device).repeat(windows, 1), blank.pooled[0].to(self.device))
         counts = [r.num_images for r in reqs]
 
         def images(parts: list[Tensor]) -> Tensor:  # each request's tensor once per image
             return torch.cat([t.expand(n, *t.shape) for t, n in zip(parts, counts, strict=True)])
 
-        cond = {"encoder_hidden_states": images([p[0] for p in pos])}
-        uncond = {"encoder_hidden_states": images([p[0] for p in neg])}
-        if self.time_id_count is not None:
-            cond["text_embeds"], uncond["text_embeds"] = images([p[1] for p in pos]), images([p[1] for p in neg])
-            cond["time_ids"] = images([torch.tensor(r.time_ids, device=self.device) for r in reqs])
-            uncond["time_ids"] = images([torch.tensor(r.negative_time_ids, device=self.device) for r in reqs])
-        if starts[0].inpaint is not None:
-            cond["inpaint"] = uncond["inpaint"] = torch.cat([start.inpaint for start in starts])
+        def at_step(step: int) -> tuple[dict[str, Any], dict[str, Any]]:
+            p = [encoded[_text_at(s, step)] for s in pos]
+            n = [empty if s is None else encoded[_text_at(s, step)] for s in neg]
+            cond = {"encoder_hidden_states": images([e[0] for e in p])}
+            uncond = {"encoder_hidden_states": images([e[0] for e in n])}
+            if self.time_id_count is not None:
+                cond["text_embeds"], uncond["text_embeds"] = images([e[1] for e in p]), images([e[1] for e in n])
+                cond["time_ids"] = images([torch.tensor(r.time_ids, device=self.device) for r in reqs])
+                uncond["time_ids"] = images([torch.tensor(r.negative_time_ids, device=self.device) for r in reqs])
+            if starts[0].inpaint is not None:
+                cond["inpaint"] = uncond["inpaint"] = torch.cat([start.inpaint for start in starts])
+            return cond, uncond
+
+        keys = [tuple(None if s is None else _text_at(s, i) for s in pos + neg) for i in range(steps)]
+        segments = list(dict.fromkeys(keys))  # the distinct conditionings, in order of first use
+        cond, uncond = at_step(0)
+        if len(segments) > 1:
+            conditionings = [at_step(keys.index(key)) for key in segments]
+            cond[_STEPS] = _StepConditioning([segments.index(key) for key in keys], conditionings, uncond)
         return cond, uncond
+
+    def _encode_texts(self, texts: set[tuple[str, bool]]) -> dict[tuple[str, bool], tuple[Tensor, Tensor]]:
+        """(hidden states, pooled) of each (text, prompt language on) on the pipeline's device: those in the prompt
+        language in one call (``prompts.encode_prompts``), the others as plain text in one call, every text padded
+        with empty-prompt windows to the longest."""
+        out: dict[tuple[str, bool], tuple[Tensor, Tensor]] = {}
+        for syntax in (True, False):
+            group = sorted(text for text, on in texts if on == syntax)
+            if group:
+                e = encode_prompts(self.text_encoder, group) if syntax else self.text_encoder.encode(group)
+                hidden, pooled = e.hidden_states.to(self.device), e.pooled.to(self.device)
+                out |= {(text, syntax): (h, p) for text, h, p in zip(group, hidden, pooled, strict=True)}
+        longest = max(h.shape[0] for h, _ in out.values())
+        if all(h.shape[0] == longest for h, _ in out.values()):
+            return out
+        blank = self.text_encoder.empty().hidden_states[0].to(self.device)
+        pad = {key: blank.repeat((longest - len(h)) // len(blank), 1) for key, (h, _) in out.items()}
+        return {key: (torch.cat([h, pad[key]]), p) for key, (h, p) in out.items()}
 
     def _start(self, req: ResolvedRequest, sigmas: Tensor, prior_std: float) -> _Start:
         """One request's generators, initial state, inpainting U-Net channels and (latent mask, z0) for
@@ -533,29 +699,44 @@ class Pipeline:
 
         Image i's generator is seeded ``seed + i`` and draws, in order: its posterior sample of the image (unless an
         inpainting U-Net starts from pure noise), its initial noise, its posterior sample of the masked image
-        (inpainting U-Nets); the sampler's noise follows. This is diffusers' order.
+        (inpainting U-Nets); the sampler's noise follows. This is diffusers' order. A hires pass's ``init_latents``
+        take the place of the image's posterior sample (no draw), as AUTOMATIC1111's fresh noise of the same seed.
         """
         generators = [torch.Generator().manual_seed(req.seed + i) for i in range(req.num_images)]
         n, c, f = req.num_images, self.vae.config.latent_channels, self.vae_factor
         shape = (n, c, req.height // f, req.width // f)
         inpainting_model = self.unet.config.in_channels != c
-        pure_noise = req.image is None or (req.mask is not None and req.strength == 1.0)  # as diffusers' inpainting
+        img2img = req.image is not None or req.init_latents is not None
+        pure_noise = not img2img or (req.mask is not None and req.strength == 1.0)  # as diffusers' inpainting
         # an inpainting U-Net starting from pure noise never uses the image's latents: diffusers draws none for them
-        skip_z0 = req.image is None or (pure_noise and inpainting_model)
-        z0 = None if skip_z0 else self._encode(req.image, generators)
+        z0 = None if not img2img or (pure_noise and inpainting_model) else self._init_latents(req, generators, shape)
         noise = req.latents if req.latents is not None else randn_like(torch.empty(shape), generators)
         noise = noise.to(self.device, torch.float32)
-        x = noise * prior_std if pure_noise else z0 + sigmas[0].item() * noise
-        if req.mask is None and not inpainting_model:
-            return _Start(generators, x)
         mask = req.mask if req.mask is not None else torch.ones(1, 1, req.height, req.width)
         m = F.interpolate(mask.to(self.device), size=shape[-2:], mode="nearest").expand(n, -1, -1, -1)
+        start = z0
+        if req.mask is not None and req.inpainting_fill in ("latent_noise", "latent_nothing") and not pure_noise:
+            # AUTOMATIC1111's masked content: the seed's noise (the initial noise itself) or zeros under the mask
+            start = z0 * (1 - m) + (noise * m if req.inpainting_fill == "latent_noise" else 0)
+        x = noise * prior_std if pure_noise else start + sigmas[0].item() * noise
+        if req.mask is None and not inpainting_model:
+            return _Start(generators, x)
         if not inpainting_model:
             return _Start(generators, x, known=(m, z0))
-        # SD inpainting U-Nets (and AUTOMATIC1111 without an image or mask): a gray image, everything repainted
-        image = req.image if req.image is not None else torch.zeros(1, 3, req.height, req.width)
+        # SD inpainting U-Nets (and AUTOMATIC1111 without a mask): a gray image, everything repainted
+        channels = self.vae.config.in_channels
+        image = req.image if req.mask is not None else torch.zeros(1, channels, req.height, req.width)
         masked = self._encode(image * (mask < 0.5), generators)
         return _Start(generators, x, inpaint=torch.cat([m, masked], dim=1))
+
+    def _init_latents(self, req: ResolvedRequest, generators: list[torch.Generator], shape: tuple[int, ...]) -> Tensor:
+        """The latents img2img starts from: the image's (a posterior sample per generator), or a hires pass's."""
+        if req.init_latents is not None:
+            return req.init_latents.to(self.device, torch.float32)
+        z0 = self._encode(req.image, generators)
+        if z0.shape[-2:] != shape[-2:]:  # resize_mode "latent": AUTOMATIC1111 interpolates the image's latents
+            z0 = F.interpolate(z0, size=shape[-2:], mode="bilinear")
+        return z0
 
     def _encode(self, image: Tensor, generators: list[torch.Generator]) -> Tensor:
         """Model latents of one image for each generator: a posterior sample each, scaled by ``vae.to_latent``."""
@@ -575,9 +756,15 @@ class Pipeline:
         callback: StepCallback | None,
         cond: dict[str, Any],
     ) -> Tensor:
-        """Run the sampler, reporting each step to ``callback``; raise ``GenerationCancelled`` if it says so."""
+        """Run the sampler, reporting each step to ``callback``; raise ``GenerationCancelled`` if it says so. A
+        conditioning that changes with the step (``cond[_STEPS]``) wraps the denoiser in ``StepConditioned``."""
         total = len(sigmas) - 1
         stopped: list[int] = []
+        if _STEPS in cond:
+            steps: _StepConditioning = cond[_STEPS]
+            cond = {key: value for key, value in cond.items() if key != _STEPS}
+            conds = [c for c, _ in steps.segments]
+            denoiser = StepConditioned(denoiser, sigmas, steps.segment_of_step, conds, steps.use_uncond)
 
         def on_step(i: int, sigma: float, x: Tensor, denoised: Tensor) -> bool:
             if callback is not None and callback(i, total, sigma, denoised) is True:
@@ -632,15 +819,16 @@ class Pipeline:
             height=req.height,
             model_hash=self.model_hash,
             model=self.name,
-            strength=req.strength if req.image is not None else None,
+            strength=req.strength if req.image is not None else req.hires.hires.strength if req.hires else None,
             guidance_rescale=req.guidance_rescale or None,
             guidance_interval=req.guidance_interval,
             spacing=req.spacing,
             batch_size=req.num_images if req.num_images > 1 else None,
             batch_pos=i if req.num_images > 1 else None,
             extra=self._extra(req),
-            loras=dict(req.loras),
+            loras={n: s for n, s in req.loras if n not in _tags(req)},  # tagged ones are in the prompt already
             **self._micro_conditioning(req),
+            **_image_parameters(req),
             lora_hashes={n: self._loras[n].hash for n, _ in req.loras if self._loras[n].hash is not None},
         )
         return format_parameters(params)

@@ -20,6 +20,7 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from unnoise.core.samplers import SAMPLER_INFO
+from unnoise.pipeline.hires import A1111_UPSCALERS, UPSCALERS, Hires
 from unnoise.safety.provenance import PROVENANCE_KEYS
 
 # Our sampler names -> AUTOMATIC1111's, from the sampler records; those with none there (ddpm) are written as ours.
@@ -49,18 +50,54 @@ _FIELDS: list[tuple[str, str, Any]] = [
     ("target_size", "Target size", lambda v: tuple(json.loads(v))),
     ("aesthetic_score", "Aesthetic score", float),
     ("negative_aesthetic_score", "Negative aesthetic score", float),
+    ("resize_mode", "Resize mode", lambda v: _lookup(_RESIZE_MODES, v)),
+    ("mask_blur", "Mask blur", float),
+    ("mask_invert", "Mask mode", lambda v: _lookup(_MASK_MODES, v)),
+    ("inpainting_fill", "Masked content", lambda v: _lookup(_MASKED_CONTENT, v)),
+    ("inpaint_full_res", "Inpaint area", lambda v: _lookup(_INPAINT_AREAS, v)),
+    ("inpaint_full_res_padding", "Masked area padding", int),
+    ("paste_back", "Paste back", lambda v: _lookup(_YES_NO, v)),
+    ("hires_scale", "Hires upscale", float),
+    ("hires_resize", "Hires resize", lambda v: _parse_size(v, "Hires resize")),
+    ("hires_steps", "Hires steps", int),
+    ("hires_upscaler", "Hires upscaler", lambda v: A1111_UPSCALERS.get(v, v)),
 ]
+# AUTOMATIC1111's texts for img2img and inpainting settings (its UI's choices); ours where it writes none.
+_RESIZE_MODES = {"resize": "Just resize", "crop": "Crop and resize", "fill": "Resize and fill",
+                 "latent": "Just resize (latent upscale)"}  # fmt: skip
+_MASK_MODES = {False: "Inpaint masked", True: "Inpaint not masked"}
+_MASKED_CONTENT = {"fill": "fill", "original": "original", "latent_noise": "latent noise",
+                   "latent_nothing": "latent nothing"}  # fmt: skip
+_INPAINT_AREAS = {False: "Whole picture", True: "Only masked"}
+_YES_NO = {True: "yes", False: "no"}
 _PAIRS = ("guidance_interval", "original_size", "crops_coords_top_left", "target_size")  # written as JSON lists
 # The parsed keys that are keyword arguments of Pipeline.__call__ (with the image's own seed).
 CALL_KEYS = ("prompt", "negative_prompt", "steps", "sampler", "guidance_scale", "seed", "width", "height", "spacing")
 CALL_KEYS += ("guidance_rescale", "guidance_interval", "strength", "loras", "original_size", "crops_coords_top_left")
-CALL_KEYS += ("target_size", "aesthetic_score", "negative_aesthetic_score")
+CALL_KEYS += ("target_size", "aesthetic_score", "negative_aesthetic_score", "resize_mode", "mask_blur", "mask_invert")
+CALL_KEYS += ("inpainting_fill", "inpaint_full_res", "inpaint_full_res_padding", "paste_back")
+HIRES_KEYS = ("hires_scale", "hires_resize", "hires_steps", "hires_upscaler")  # parsed keys that make ``hires``
 _SAMPLERS_BACK = {v: k for k, v in A1111_SAMPLERS.items()}
 _BY_LABEL = {label: (key, parse) for key, label, parse in _FIELDS}
 # AUTOMATIC1111's pattern for one "Key: value" pair of the last line (modules/infotext_utils.py).
 _PAIR = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 # AUTOMATIC1111's LoRA tag in a prompt, ``<lora:name:weight>``; the adapters of an image are written this way.
 LORA_TAG = re.compile(r"\s*<lora:([^:<>]+):([^:<>]+)>")
+
+
+def _lookup(table: dict[Any, str], text: str) -> Any:
+    """The key of ``table`` whose text is ``text``; ValueError naming the texts allowed."""
+    for key, value in table.items():
+        if value == text:
+            return key
+    raise ValueError(f"expected one of {', '.join(table.values())}")
+
+
+def _parse_size(text: str, label: str) -> tuple[int, int]:
+    match = re.fullmatch(r"(\d+)x(\d+)", text)
+    if match is None:
+        raise ValueError(f"parameters field {label!r} has value {text!r}; expected WIDTHxHEIGHT")
+    return int(match[1]), int(match[2])
 
 
 def _parse_lora_hashes(text: str) -> dict[str, str]:
@@ -110,6 +147,17 @@ def format_parameters(params: dict[str, Any]) -> str:
     for key in _PAIRS[1:]:
         if values.get(key) is not None:
             values[key] = json.dumps([int(v) for v in values[key]])
+    for key, table in (("resize_mode", _RESIZE_MODES), ("mask_invert", _MASK_MODES), ("paste_back", _YES_NO),
+                       ("inpainting_fill", _MASKED_CONTENT), ("inpaint_full_res", _INPAINT_AREAS)):  # fmt: skip
+        if values.get(key) is not None:
+            values[key] = table[values[key]]
+    for key in ("mask_blur", "hires_scale"):
+        if values.get(key) is not None:
+            values[key] = _number(values[key])
+    if values.get("hires_resize") is not None:
+        values["hires_resize"] = "{}x{}".format(*values["hires_resize"])
+    if values.get("hires_upscaler") in UPSCALERS:
+        values["hires_upscaler"] = UPSCALERS[values["hires_upscaler"]].a1111_name
     loras = values.get("loras") or {}  # name -> scale, written as AUTOMATIC1111 does: prompt tags and their hashes
     hashes = values.get("lora_hashes") or {}
     values["lora_hashes"] = ", ".join(f"{name}: {h}" for name, h in hashes.items()) if hashes else None
@@ -173,10 +221,7 @@ def parse_parameters(text: str) -> dict[str, Any]:
 def _settle_size_and_spacing(result: dict[str, Any]) -> None:
     size = result.pop("size", None)
     if size is not None:
-        match = re.fullmatch(r"(\d+)x(\d+)", size)
-        if match is None:
-            raise ValueError(f"parameters field 'Size' has value {size!r}; expected WIDTHxHEIGHT")
-        result["width"], result["height"] = int(match[1]), int(match[2])
+        result["width"], result["height"] = _parse_size(size, "Size")
     schedule = result.pop("schedule_type", None)
     if "spacing" not in result and schedule is not None:
         result["spacing"] = {v: k for k, v in A1111_SCHEDULES.items()}.get(schedule)
@@ -189,6 +234,14 @@ def call_arguments(params: dict[str, Any]) -> tuple[dict[str, Any], int]:
     size changes which kernels run: at most 1/255, in a few pixels); regenerating the whole batch is bit-exact.
     """
     kwargs = {key: params[key] for key in CALL_KEYS if params.get(key) is not None}
+    hires = {key: params[key] for key in HIRES_KEYS if key in params}
+    if hires:  # AUTOMATIC1111's hires fix: its "Denoising strength" is the second pass's
+        width, height = hires.get("hires_resize", (0, 0))
+        kwargs["hires"] = Hires(
+            scale=hires.get("hires_scale", 2.0), upscaler=hires.get("hires_upscaler", "latent"),
+            steps=hires.get("hires_steps"), strength=kwargs.pop("strength", 0.7), width=width or None,
+            height=height or None,
+        )  # fmt: skip
     pos = params.get("batch_pos") or 0
     if params.get("batch_size"):
         kwargs["num_images"] = params["batch_size"]
