@@ -1,10 +1,18 @@
 """Feature caching (DeepCache) in the U-Net: interval 1 is the plain network bit for bit, a reusing call equals the
 plain network with the cached features substituted by a hook, the call pattern, and the errors."""
 
+import numpy as np
 import pytest
 import torch
+from helpers import run_cli
+from PIL import Image
 
+from unnoise import cli
+from unnoise.core.samplers import SAMPLERS, nfe
 from unnoise.models.unet import UNet, UNetConfig
+from unnoise.pipeline import Pipeline, Request
+from unnoise.pipeline.png import parse_parameters as read_parameters_text
+from unnoise.pipeline.png import read_png_parameters, save_png
 
 # SD-shaped at a reduced width: cross-attention down levels, a plain innermost level, two layers per block.
 SD_LIKE = UNetConfig(
@@ -98,3 +106,91 @@ def test_errors_name_the_setting(unet):
         unet.caching(2, t_range=(5.0, 1.0)).__enter__()
     with unet.caching(2), pytest.raises(RuntimeError, match="already has a feature cache"):
         unet.caching(2).__enter__()
+
+
+# -- through the pipeline (the embedded default model) ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return Pipeline.from_pretrained("default")
+
+
+def pixels(images):
+    return [np.asarray(image) for image in images]
+
+
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+def test_a_cache_of_interval_one_changes_no_sampler_bit(pipe, sampler):
+    settings = dict(steps=4, sampler=sampler, seed=3)
+    plain = pixels(pipe("a handwritten three", **settings))
+    with pipe.unet.caching(1) as cache:  # the cache's code path, never reusing
+        cached = pixels(pipe("a handwritten three", **settings))
+    assert all(np.array_equal(a, b) for a, b in zip(plain, cached, strict=True))
+    assert cache.full_calls == nfe(sampler, 4) and cache.reused_calls == 0
+
+
+def test_the_pipeline_caches_every_nth_call_within_the_sigma_range_and_records_it(pipe, tmp_path):
+    settings = dict(steps=6, sampler="dpmpp_2m", seed=4)
+    plain = pipe("a handwritten five", **settings)[0]
+    calls = []
+    forward = pipe.unet.forward
+
+    def counting(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        calls.append(pipe.unet.feature_cache.reused_calls)
+        return out
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pipe.unet, "forward", counting)
+        cached = pipe("a handwritten five", cache_interval=3, **settings)[0]
+    assert calls == [0, 1, 2, 2, 3, 4]  # full, reuse, reuse, full, reuse, reuse
+    assert pipe.unet.feature_cache is None
+    assert not np.array_equal(np.asarray(cached), np.asarray(plain))
+    # a range that holds none of the grid's sigmas: every call is full, so the image is the plain one
+    high = pipe("a handwritten five", cache_interval=3, cache_range=(1e3, 2e3), **settings)[0]
+    assert np.array_equal(np.asarray(high), np.asarray(plain))
+    # a range holding all of them: the same as no range
+    wide = pipe("a handwritten five", cache_interval=3, cache_range=(0.0, 1e3), **settings)[0]
+    assert np.array_equal(np.asarray(wide), np.asarray(cached))
+    parameters = read_parameters_text(cached.info["parameters"])
+    assert parameters["cache_interval"] == 3 and "cache_range" not in parameters
+    path = tmp_path / "cached.png"
+    save_png(wide, path)
+    assert read_png_parameters(path)["cache_range"] == (0.0, 1e3)
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (dict(cache_interval=0), r"cache_interval=0 is not allowed; expected an integer >= 1"),
+        (dict(cache_interval=2.5), r"cache_interval=2.5 is not allowed"),
+        (dict(cache_range=(3.0, 1.0)), r"cache_range=\(3.0, 1.0\) is not allowed; expected \(sigma_lo, sigma_hi\)"),
+    ],
+)
+def test_bad_cache_settings_name_the_field(pipe, change, match):
+    with pytest.raises(ValueError, match=match):
+        pipe("a handwritten five", steps=2, **change)
+
+
+def test_requests_with_other_cache_settings_do_not_share_a_pass(pipe):
+    with pytest.raises(ValueError, match="cache_interval"):
+        pipe.generate([Request("a one", steps=2), Request("a two", steps=2, cache_interval=2)])
+
+
+def test_the_cli_cache_flags_reach_the_request_and_replay_from_the_png(capsys, pipe, tmp_path):
+    argv = ("generate", "a handwritten nine", "-o", tmp_path, "--steps", 4, "--seed", 2, "--no-safety")
+    status, out, err = run_cli(cli.main, capsys, *argv, "--cache", 2, "--cache-range", 0.5, 20)
+    assert status == 0, err
+    path = out.split()[0]
+    expected = pipe("a handwritten nine", steps=4, seed=2, cache_interval=2, cache_range=(0.5, 20.0))[0]
+    assert np.array_equal(np.asarray(Image.open(path)), np.asarray(expected))
+    params = read_png_parameters(path)
+    assert (params["cache_interval"], params["cache_range"]) == (2, (0.5, 20.0))
+    status, out, err = run_cli(
+        cli.main, capsys, "generate", "-o", tmp_path / "again", "--from-png", path, "--no-safety"
+    )
+    assert status == 0, err
+    assert np.array_equal(np.asarray(Image.open(out.split()[0])), np.asarray(expected))
+    status, _, err = run_cli(cli.main, capsys, *argv, "--cache", 0)
+    assert status == 2 and "argument --cache: cache_interval=0 is not allowed" in err

@@ -61,6 +61,8 @@ _FLAGS = {
     "inpaint_full_res_padding": "--inpaint-full-res",
     "paste_back": "--no-paste-back",
     "hires": "--hires",
+    "cache_interval": "--cache",
+    "cache_range": "--cache-range",
     "hires.scale": "--hires-scale",
     "hires.upscaler": "--hires-upscaler",
     "hires.steps": "--hires-steps",
@@ -215,6 +217,10 @@ def _add_generate(commands: Any) -> None:
     p.add_argument("--hires-steps", type=int, metavar="N", help="steps of the hires pass (default: --steps)")
     p.add_argument("--hires-strength", type=float, metavar="X", help="denoising strength of the hires pass "
                    "(default 0.7)")  # fmt: skip
+    p.add_argument("--cache", type=int, metavar="N", help="feature caching: a full U-Net call every N calls, "
+                   "the outer level only between them (faster, approximate; default 1: none)")  # fmt: skip
+    p.add_argument("--cache-range", type=float, nargs=2, metavar=("SIGMA_LO", "SIGMA_HI"), help="reuse cached "
+                   "features only at sigmas in this range (default: everywhere)")  # fmt: skip
     p.add_argument("--from-png", type=Path, metavar="FILE", help="regenerate FILE from its parameters")
     p.add_argument("--lora", type=_lora, action="append", default=[], metavar="FILE[:SCALE]",
                    help="apply a LoRA file (or the name of one in --lora-dir) at SCALE (default 1; repeatable); its "
@@ -338,6 +344,7 @@ def _settings(args: argparse.Namespace) -> tuple[dict[str, Any], int | None, dic
         resize_mode=args.resize_mode, mask_blur=args.mask_blur, mask_invert=args.invert_mask or None,
         inpainting_fill=args.inpainting_fill, inpaint_full_res=args.inpaint_full_res is not None or None,
         inpaint_full_res_padding=args.inpaint_full_res, paste_back=False if args.no_paste_back else None,
+        cache_interval=args.cache, cache_range=tuple(args.cache_range) if args.cache_range else None,
     )  # fmt: skip
     given = {k: v for k, v in given.items() if v is not None}
     hires = dict(scale=args.hires_scale, upscaler=args.hires_upscaler, steps=args.hires_steps,

@@ -68,6 +68,11 @@ class Request:
     loras: dict[str, float] | None = None  # LoRA adapters by name and scale, exactly these; None: the pipeline's
     # AUTOMATIC1111's prompt language (docs/prompts.md), incl. <lora:name:w> tags; None: the pipeline's setting
     prompt_syntax: bool | None = None
+    # feature caching (DeepCache, ``UNet.caching``): a full U-Net call every ``cache_interval`` calls, between them
+    # only the outermost level on the cached inner output; 1: none. ``cache_range``: the (sigma_lo, sigma_hi) where
+    # calls may reuse; None: everywhere
+    cache_interval: int = 1
+    cache_range: tuple[float, float] | None = None
     # SDXL micro-conditioning, (height, width) pairs as diffusers names them; None: (height, width) and (0, 0)
     original_size: tuple[int, int] | None = None
     crops_coords_top_left: tuple[int, int] | None = None
@@ -123,6 +128,8 @@ class ResolvedRequest:
     mask_invert: bool = False
     inpaint_full_res_padding: int | None = None  # None: the whole picture is inpainted
     prompt_syntax: bool = True  # prompts in AUTOMATIC1111's language; ``loras`` includes the prompt's tags
+    cache_interval: int = 1
+    cache_range: tuple[float, float] | None = None
 
     @property
     def batch_key(self) -> tuple[Any, ...]:
@@ -131,13 +138,14 @@ class ResolvedRequest:
         return (
             self.width, self.height, self.steps, self.sampler, self.spacing, self.guidance_scale,
             self.guidance_rescale, self.guidance_interval, img2img, self.mask is not None,
-            self.strength if img2img else None, self.loras, self.hires,
+            self.strength if img2img else None, self.loras, self.hires, self.cache_interval, self.cache_range,
         )  # fmt: skip
 
 
 # The names of the batch key's entries, for the message when requests cannot share a pass.
 BATCH_KEY_FIELDS = ("width", "height", "steps", "sampler", "spacing", "guidance_scale", "guidance_rescale",
-                    "guidance_interval", "image", "mask", "strength", "loras", "hires")  # fmt: skip
+                    "guidance_interval", "image", "mask", "strength", "loras", "hires", "cache_interval",
+                    "cache_range")  # fmt: skip
 
 
 def _fail(name: str, value: Any, allowed: str) -> ValueError:
@@ -179,10 +187,13 @@ def resolve_request(pipe: Any, request: Request) -> ResolvedRequest:
     latents = _latents(args["latents"], (n, pipe.vae.config.latent_channels, height // f, width // f))
     return ResolvedRequest(
         args["prompt"], args["negative_prompt"], n, steps, sampler, scale, float(rescale),
-        _interval(args["guidance_interval"]), seed, width, height, spacing, float(strength), image, mask, latents,
+        _interval(args["guidance_interval"], "guidance_interval"),
+        seed, width, height, spacing, float(strength), image, mask, latents,
         _loras(pipe, args["loras"], _prompt_loras(pipe, args)), *_time_ids(pipe, args, width, height),
         **found.settings, prompt_syntax=_syntax(pipe, args),
         hires=_hires(pipe, args["hires"], image is not None, steps, width, height),
+        cache_interval=_cache_interval(args["cache_interval"]),
+        cache_range=_interval(args["cache_range"], "cache_range"),
     )  # fmt: skip
 
 
@@ -290,15 +301,19 @@ def _sampling(pipe: Any, args: dict[str, Any]) -> tuple[int, str, str, float]:
     return steps, sampler, spacing, float(scale)
 
 
-def _interval(interval: Any) -> tuple[float, float] | None:
+def _interval(interval: Any, name: str) -> tuple[float, float] | None:
     if interval is None:
         return None
     ok = isinstance(interval, tuple | list) and len(interval) == 2 and all(is_number(v) for v in interval)
     if not ok or not 0 <= interval[0] < interval[1]:
-        raise _fail(
-            "guidance_interval", interval, "expected (sigma_lo, sigma_hi) with 0 <= sigma_lo < sigma_hi, or None"
-        )
+        raise _fail(name, interval, "expected (sigma_lo, sigma_hi) with 0 <= sigma_lo < sigma_hi, or None")
     return float(interval[0]), float(interval[1])
+
+
+def _cache_interval(interval: Any) -> int:
+    if not is_int(interval) or interval < 1:
+        raise _fail("cache_interval", interval, "expected an integer >= 1 (1: no feature caching)")
+    return interval
 
 
 def _latents(latents: Any, shape: tuple[int, ...]) -> Tensor | None:

@@ -572,7 +572,7 @@ class Pipeline:
         starts = [self._start(req, sigmas, vp.prior_std(sigmas[0].item())) for req in reqs]
         x = torch.cat([start.x for start in starts])
         generators = [g for start in starts for g in start.generators]
-        with self._adapters(first.loras):
+        with self._adapters(first.loras), self._caching(first, schedule):
             cond, uncond = self._conditioning(reqs, starts)
             space = "v" if self.config.prediction == "v_prediction" else "epsilon"
             denoiser: Callable[..., Tensor] = CFGDenoiser(
@@ -583,6 +583,20 @@ class Pipeline:
                 denoiser = KnownRegion(denoiser, mask, z0)
             x = self._sample(denoiser, x, sigmas, first.sampler, generators, callback, cond)
         return x
+
+    def _caching(self, req: ResolvedRequest, schedule: VPSchedule) -> contextlib.AbstractContextManager:
+        """The U-Net's feature cache for one pass (``UNet.caching``), its sigma range as the U-Net's timesteps."""
+        if req.cache_interval == 1:
+            return contextlib.nullcontext()
+        t_range = None
+        if req.cache_range is not None:
+            lo, hi = req.cache_range
+            if lo > schedule.sigma_max or hi < schedule.sigma_min:  # the network is never called in the range
+                return contextlib.nullcontext()
+            # the U-Net sees timesteps; the network is only called at sigmas of the schedule's range
+            lo, hi = max(lo, schedule.sigma_min), min(hi, schedule.sigma_max)
+            t_range = (float(schedule.sigma_to_t(lo)), float(schedule.sigma_to_t(hi)))
+        return self.unet.caching(req.cache_interval, t_range=t_range)
 
     def _hires_requests(self, reqs: list[ResolvedRequest], latents: Tensor) -> list[ResolvedRequest]:
         """The hires fix's second pass: one img2img request per image (seed ``seed + i``) at the upscaled size, from
@@ -822,6 +836,8 @@ class Pipeline:
             strength=req.strength if req.image is not None else req.hires.hires.strength if req.hires else None,
             guidance_rescale=req.guidance_rescale or None,
             guidance_interval=req.guidance_interval,
+            cache_interval=req.cache_interval if req.cache_interval != 1 else None,
+            cache_range=req.cache_range,
             spacing=req.spacing,
             batch_size=req.num_images if req.num_images > 1 else None,
             batch_pos=i if req.num_images > 1 else None,

@@ -41,6 +41,8 @@ _FIELDS: list[tuple[str, str, Any]] = [
     ("strength", "Denoising strength", float),
     ("guidance_rescale", "Guidance rescale", float),
     ("guidance_interval", "Guidance interval", lambda v: tuple(json.loads(v))),
+    ("cache_interval", "Cache interval", int),
+    ("cache_range", "Cache range", lambda v: tuple(json.loads(v))),
     ("spacing", "Spacing", str),
     ("batch_size", "Batch size", int),
     ("batch_pos", "Batch pos", int),
@@ -70,12 +72,19 @@ _MASKED_CONTENT = {"fill": "fill", "original": "original", "latent_noise": "late
                    "latent_nothing": "latent nothing"}  # fmt: skip
 _INPAINT_AREAS = {False: "Whole picture", True: "Only masked"}
 _YES_NO = {True: "yes", False: "no"}
-_PAIRS = ("guidance_interval", "original_size", "crops_coords_top_left", "target_size")  # written as JSON lists
+_PAIRS = (
+    "guidance_interval",
+    "cache_range",
+    "original_size",
+    "crops_coords_top_left",
+    "target_size",
+)  # written as JSON lists
 # The parsed keys that are keyword arguments of Pipeline.__call__ (with the image's own seed).
 CALL_KEYS = ("prompt", "negative_prompt", "steps", "sampler", "guidance_scale", "seed", "width", "height", "spacing")
 CALL_KEYS += ("guidance_rescale", "guidance_interval", "strength", "loras", "original_size", "crops_coords_top_left")
 CALL_KEYS += ("target_size", "aesthetic_score", "negative_aesthetic_score", "resize_mode", "mask_blur", "mask_invert")
-CALL_KEYS += ("inpainting_fill", "inpaint_full_res", "inpaint_full_res_padding", "paste_back")
+CALL_KEYS += ("inpainting_fill", "inpaint_full_res", "inpaint_full_res_padding", "paste_back", "cache_interval")
+CALL_KEYS += ("cache_range",)
 HIRES_KEYS = ("hires_scale", "hires_resize", "hires_steps", "hires_upscaler")  # parsed keys that make ``hires``
 _SAMPLERS_BACK = {v: k for k, v in A1111_SAMPLERS.items()}
 _BY_LABEL = {label: (key, parse) for key, label, parse in _FIELDS}
@@ -142,9 +151,10 @@ def format_parameters(params: dict[str, Any]) -> str:
         values["sampler"] = A1111_SAMPLERS.get(values["sampler"], values["sampler"])
     if values.get("spacing") in A1111_SCHEDULES:
         values["schedule_type"] = A1111_SCHEDULES[values["spacing"]]
-    if values.get("guidance_interval") is not None:
-        values["guidance_interval"] = json.dumps([float(v) for v in values["guidance_interval"]])
-    for key in _PAIRS[1:]:
+    for key in _PAIRS[:2]:
+        if values.get(key) is not None:
+            values[key] = json.dumps([float(v) for v in values[key]])
+    for key in _PAIRS[2:]:
         if values.get(key) is not None:
             values[key] = json.dumps([int(v) for v in values[key]])
     for key, table in (("resize_mode", _RESIZE_MODES), ("mask_invert", _MASK_MODES), ("paste_back", _YES_NO),
