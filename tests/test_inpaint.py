@@ -275,6 +275,8 @@ def test_inverted_mask_repaints_the_black_part(pipe, digit):
         (dict(paste_back=0, image="IMAGE", mask="MASK"), r"paste_back=0 is not allowed; expected True or False"),
         (dict(inpaint_full_res=True, image="IMAGE"), r"inpaint_full_res=True .* applies to a mask"),
         (dict(inpaint_full_res_padding=-2, image="IMAGE", mask="MASK"), r"inpaint_full_res_padding=-2"),
+        (dict(inpaint_full_res_padding=8, image="IMAGE", mask="MASK"),
+         r"inpaint_full_res_padding=8 is not allowed; it pads the box of inpaint_full_res=True, which is not set"),
         (dict(inpaint_full_res=True, image="IMAGE", mask="EMPTY"), r"inpaint_full_res=True .*the mask is empty"),
         (dict(image="BIG", width=SIZE, height=SIZE, mask="BIG_MASK", resize_mode="latent"),
          r"resize_mode='latent' .*a latent resize applies without a mask"),

@@ -362,6 +362,8 @@ def _image_settings(args: dict[str, Any]) -> None:
     padding = args["inpaint_full_res_padding"]
     if not is_int(padding) or padding < 0:
         raise _fail("inpaint_full_res_padding", padding, "expected an integer >= 0 (pixels)")
+    if padding != MASK_FIELDS["inpaint_full_res_padding"] and not args["inpaint_full_res"]:
+        raise _fail("inpaint_full_res_padding", padding, "it pads the box of inpaint_full_res=True, which is not set")
     for fields, needed in ((IMAGE_FIELDS, "image"), (MASK_FIELDS, "mask")):
         for name, default in fields.items():
             if args[needed] is None and args[name] != default:
