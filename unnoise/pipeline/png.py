@@ -21,6 +21,7 @@ from PIL import Image, PngImagePlugin
 
 from unnoise.core.samplers import SAMPLER_INFO
 from unnoise.pipeline.hires import A1111_UPSCALERS, UPSCALERS, Hires
+from unnoise.pipeline.prompts import extract_loras
 from unnoise.safety.provenance import PROVENANCE_KEYS
 
 # Our sampler names -> AUTOMATIC1111's, from the sampler records; those with none there (ddpm) are written as ours.
@@ -90,8 +91,6 @@ _SAMPLERS_BACK = {v: k for k, v in A1111_SAMPLERS.items()}
 _BY_LABEL = {label: (key, parse) for key, label, parse in _FIELDS}
 # AUTOMATIC1111's pattern for one "Key: value" pair of the last line (modules/infotext_utils.py).
 _PAIR = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
-# AUTOMATIC1111's LoRA tag in a prompt, ``<lora:name:weight>``; the adapters of an image are written this way.
-LORA_TAG = re.compile(r"\s*<lora:([^:<>]+):([^:<>]+)>")
 
 
 def _lookup(table: dict[Any, str], text: str) -> Any:
@@ -115,17 +114,6 @@ def _parse_lora_hashes(text: str) -> dict[str, str]:
     if any(len(pair) != 2 for pair in pairs):
         raise ValueError("expected 'name: hash' pairs separated by ','")
     return {name.strip(): value.strip() for name, value in pairs}
-
-
-def lora_prompt_tags(prompt: str) -> tuple[str, dict[str, float]]:
-    """The prompt without its ``<lora:name:weight>`` tags, and the tags' weights by name."""
-    loras: dict[str, float] = {}
-    for name, weight in LORA_TAG.findall(prompt):
-        try:
-            loras[name] = float(weight)
-        except ValueError:
-            raise ValueError(f"LoRA tag <lora:{name}:{weight}> has a weight that is not a number") from None
-    return LORA_TAG.sub("", prompt), loras
 
 
 def _quote(value: object) -> str:
@@ -185,15 +173,9 @@ def _number(value: float) -> str:
     return f"{value:g}" if float(value) == float(f"{value:g}") else repr(float(value))
 
 
-def parse_parameters(text: str) -> dict[str, Any]:
-    """Read AUTOMATIC1111-format parameters: prompt, negative_prompt, steps, sampler (our name), guidance_scale, ...
-
-    Known labels become ``Pipeline.__call__`` keyword arguments (``width``/``height`` from ``Size``, ``spacing``
-    from ``Spacing`` or else ``Schedule type``, ``loras`` from the prompt's ``<lora:name:weight>`` tags, which are
-    removed from ``prompt``); ``model_hash``, ``model`` and ``lora_hashes`` describe the weights, ``batch_size``
-    and ``batch_pos`` the batch the image was made in (``call_arguments`` turns all this into a call); labels we
-    do not know are kept, as text, in ``extra``.
-    """
+def split_parameters(text: str) -> tuple[str, str | None, list[tuple[str, str]]]:
+    """AUTOMATIC1111-format parameters as it splits them: (prompt, negative prompt or None, the settings line's
+    (label, value) pairs in order, quoted values unquoted). A last line of fewer than 3 pairs is prompt."""
     if not isinstance(text, str):
         raise ValueError(f"parameters must be a str, got {type(text).__name__}")
     *lines, last = text.strip().split("\n")
@@ -205,16 +187,27 @@ def parse_parameters(text: str) -> dict[str, Any]:
         if line.startswith("Negative prompt:"):
             in_negative, line = True, line[len("Negative prompt:") :].strip()
         (negative if in_negative else prompt).append(line)
-    text_prompt, loras = lora_prompt_tags("\n".join(prompt))
-    result: dict[str, Any] = {
-        "prompt": text_prompt,
-        "negative_prompt": "\n".join(negative) if in_negative else None,
-    }
+    pairs = [(label.strip(), _unquote(raw.strip())) for label, raw in _PAIR.findall(last)]
+    return "\n".join(prompt), "\n".join(negative) if in_negative else None, pairs
+
+
+def parse_parameters(text: str) -> dict[str, Any]:
+    """Read AUTOMATIC1111-format parameters: prompt, negative_prompt, steps, sampler (our name), guidance_scale, ...
+
+    Known labels become ``Pipeline.__call__`` keyword arguments (``width``/``height`` from ``Size``, ``spacing``
+    from ``Spacing`` or else ``Schedule type``, ``loras`` from the prompt's ``<lora:name:weight>`` tags, which are
+    removed from ``prompt``); ``model_hash``, ``model`` and ``lora_hashes`` describe the weights, ``batch_size``
+    and ``batch_pos`` the batch the image was made in (``call_arguments`` turns all this into a call); labels we
+    do not know are kept, as text, in ``extra``.
+    """
+    prompt, negative, pairs = split_parameters(text)
+    text_prompt, loras = extract_loras(prompt)
+    text_prompt = text_prompt.strip()  # the space before a trailing tag (tokenizers drop such spaces anyway)
+    result: dict[str, Any] = {"prompt": text_prompt, "negative_prompt": negative}
     if loras:
         result["loras"] = loras
     extra: dict[str, str] = {}
-    for label, raw in _PAIR.findall(last):
-        label, value = label.strip(), _unquote(raw.strip())
+    for label, value in pairs:
         if label not in _BY_LABEL:
             extra[label] = value
             continue
