@@ -242,7 +242,7 @@ def test_config_rejects_bad_values(monkeypatch):
 
 
 def test_a1111_sampler_names():
-    from unnoise.serve.schemas import A1111Txt2ImgRequest, a1111_values
+    from unnoise.serve.a1111 import A1111Txt2ImgRequest, a1111_values
 
     def values(**body):
         return a1111_values(A1111Txt2ImgRequest(**body))
@@ -258,15 +258,17 @@ def test_a1111_sampler_names():
 
 
 def test_a1111_prompt_tags_are_the_requests_loras():
-    """AUTOMATIC1111 clients name LoRAs by tags in the prompt: taken out of it, within the jobs API's bounds."""
-    from unnoise.serve.schemas import A1111Txt2ImgRequest, a1111_values
+    """AUTOMATIC1111 clients name LoRAs by tags in the prompt: the pipeline reads them (its prompt language), the
+    server only holds their weights to the jobs API's bounds."""
+    from unnoise.serve.a1111 import A1111Txt2ImgRequest, a1111_values
 
     def values(prompt):
         return a1111_values(A1111Txt2ImgRequest(prompt=prompt))
 
-    assert (values("a cat")["prompt"], values("a cat")["loras"]) == ("a cat", None)
+    assert values("a cat")["prompt"] == "a cat"
     tagged = values("a cat <lora:ink:0.8>, ink style <lora:paper v2:-1>")
-    assert (tagged["prompt"], tagged["loras"]) == ("a cat, ink style", {"ink": 0.8, "paper v2": -1.0})
+    assert tagged["prompt"] == "a cat <lora:ink:0.8>, ink style <lora:paper v2:-1>"
+    assert tagged["prompt_syntax"] is True and "loras" not in tagged
     with pytest.raises(ApiError) as error:
         values("a cat <lora:ink:9>")
     assert error.value.param == "prompt" and error.value.message.startswith(

@@ -2,11 +2,14 @@
 
 ``create_app(config)`` is all a test or an embedding needs; ``server.serve`` runs it under uvicorn with SIGTERM
 draining. /health, /ready, /metrics and the page at / are open; every /v1 and /sdapi route needs a key when keys
-are configured (``Authorization: Bearer KEY``, as OpenAI clients send, or ``X-API-Key: KEY``).
+are configured (``Authorization: Bearer KEY``, as OpenAI clients send, ``X-API-Key: KEY``, or HTTP Basic with the key
+as the password, as AUTOMATIC1111 clients send its ``--api-auth``).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import hashlib
 import hmac
@@ -32,7 +35,8 @@ from unnoise.serve.validation import ApiError
 def create_app(config: ServeConfig, *, safety: SafetyChecker | None = None, pipe: Pipeline | None = None) -> FastAPI:
     """The server for ``config``; ``pipe`` replaces loading ``config.model`` and ``safety`` the checker that
     ``config.safety`` asks for (tests, embedding)."""
-    from unnoise.serve.routes import router  # the routes import this module's helpers
+    from unnoise.serve import a1111, openai  # the routes import this module's helpers
+    from unnoise.serve.routes import router
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -54,6 +58,8 @@ def create_app(config: ServeConfig, *, safety: SafetyChecker | None = None, pipe
     app.add_middleware(RequestMetrics)
     _add_error_handlers(app)
     app.include_router(_open_routes())
+    app.include_router(openai.router, dependencies=[Depends(require_key)])
+    app.include_router(a1111.router, dependencies=[Depends(require_key)])
     app.include_router(router, dependencies=[Depends(require_key)])
     return app
 
@@ -82,10 +88,15 @@ def require_key(request: Request) -> None:
         return
     header = request.headers.get("authorization", "")
     given = header[7:].strip() if header.lower().startswith("bearer ") else request.headers.get("x-api-key")
+    if header.lower().startswith("basic "):  # AUTOMATIC1111's --api-auth, as its clients send it: the key as password
+        try:
+            given = base64.b64decode(header[6:].strip(), validate=True).decode().partition(":")[2]
+        except (binascii.Error, UnicodeDecodeError):
+            given = ""
     if not keys(given):
         why = "no API key was given" if given is None else "the API key is not valid"
-        raise ApiError(401, f"{why}; send Authorization: Bearer KEY or X-API-Key: KEY", code="invalid_api_key",
-                       headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+        raise ApiError(401, f"{why}; send Authorization: Bearer KEY, X-API-Key: KEY or HTTP Basic with the key as "
+                       "password", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
 
 
 class RequestMetrics:

@@ -33,6 +33,7 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="U-Net dtype (default: float16 on "
                    "cuda, float32 on cpu)")  # fmt: skip
+    p.add_argument("--cuda-graphs", action="store_true", help="replay the U-Net as CUDA graphs (a CUDA device only)")
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's; 1 is often "
                    "fastest for small models on a busy machine)")  # fmt: skip
     p.add_argument("--max-queue", type=int, default=d.max_queue, metavar="N",
@@ -61,6 +62,9 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     p.add_argument("--safety-clip", type=Path, metavar="DIR", help="a CLIP model folder: also filter images")
     p.add_argument("--lora-dir", type=Path, metavar="DIR", help="LoRA files (*.safetensors) that requests may name "
                    "by file stem in their loras field (loaded on first use)")  # fmt: skip
+    p.add_argument("--model-dir", type=Path, metavar="DIR", help="models that AUTOMATIC1111 clients may switch to "
+                   "(POST /sdapi/v1/options sd_model_checkpoint): unnoise or diffusers pipeline folders and single "
+                   ".safetensors checkpoints, in subfolders too")  # fmt: skip
     p.set_defaults(run=run, error=p.error)
     return p
 
@@ -69,11 +73,12 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
     """The ``ServeConfig`` of parsed flags; ValueError naming the field if a value is not allowed."""
     return ServeConfig(
         model=args.model if args.model is not None else DEFAULT_MODEL, host=args.host, port=args.port,
-        device=args.device, dtype=args.dtype, threads=args.threads, max_queue=args.max_queue,
-        max_batch=args.max_batch, batch_wait_s=args.batch_wait, vram_budget_gb=args.vram_budget,
-        api_keys=tuple(args.api_key), db=args.db, timeout_s=args.timeout, drain_timeout_s=args.drain_timeout,
+        device=args.device, dtype=args.dtype, cuda_graphs=args.cuda_graphs, threads=args.threads,
+        max_queue=args.max_queue, max_batch=args.max_batch, batch_wait_s=args.batch_wait,
+        vram_budget_gb=args.vram_budget, api_keys=tuple(args.api_key), db=args.db, timeout_s=args.timeout,
+        drain_timeout_s=args.drain_timeout,
         max_steps=args.max_steps, max_pixels=args.max_pixels, warmup=not args.no_warmup, safety=not args.no_safety,
-        safety_clip=args.safety_clip, any_size=args.any_size, lora_dir=args.lora_dir,
+        safety_clip=args.safety_clip, any_size=args.any_size, lora_dir=args.lora_dir, model_dir=args.model_dir,
     ).with_env_keys()  # fmt: skip
 
 
@@ -90,6 +95,8 @@ def run(args: argparse.Namespace) -> None:
         args.error(f"argument --model: {error}")
     if config.lora_dir is not None and not config.lora_dir.is_dir():
         args.error(f"argument --lora-dir: {config.lora_dir} is not a folder")
+    if config.model_dir is not None and not config.model_dir.is_dir():
+        args.error(f"argument --model-dir: {config.model_dir} is not a folder")
     from unnoise.serve.server import serve  # fastapi and uvicorn only when serving
 
     print(f"unnoise serve: {config.model} on http://{config.host}:{config.port}", file=sys.stderr)

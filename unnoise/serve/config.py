@@ -20,6 +20,7 @@ class ServeConfig:
     port: int = 8000
     device: str | None = None  # None: cuda if available, else cpu
     dtype: str | None = None  # None: float16 on cuda, float32 on cpu
+    cuda_graphs: bool = False  # the U-Net replayed as CUDA graphs (Pipeline.enable_cuda_graphs); CUDA devices only
     threads: int | None = None  # torch's intra-op CPU threads; None: torch's default
     max_queue: int = 64  # jobs waiting (not running); one more gets 429
     max_batch: int = 8  # images in one sampler run; the VRAM planner may allow fewer
@@ -38,6 +39,7 @@ class ServeConfig:
     safety: bool = True  # the prompt filter (400 with the category) and, with safety_clip, the image filter
     safety_clip: Path | None = None  # a CLIP model folder for the image filter (unnoise.safety.CLIPConceptFilter)
     lora_dir: Path | None = None  # LoRA files (*.safetensors) that requests may name by file stem (Pipeline.lora_dir)
+    model_dir: Path | None = None  # models that AUTOMATIC1111's /options may switch to: pipeline folders, .safetensors
 
     def __post_init__(self) -> None:
         for name in ("max_queue", "max_batch", "max_steps", "max_pixels", "max_prompt_chars"):
