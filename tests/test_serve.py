@@ -303,6 +303,7 @@ BAD = [
     ("/v1/images/generations", {"n": 1}, "prompt"),
     ("/v1/images/generations", {"prompt": "x", "response_format": "gif"}, "response_format"),
     ("/v1/images/generations", {"prompt": "x", "seed": -3}, "seed"),
+    ("/v1/images/generations", {"prompt": "x", "stream": True}, "stream"),
     ("/sdapi/v1/txt2img", {"prompt": "x", "cfg_scale": 99}, "cfg_scale"),
     ("/sdapi/v1/txt2img", {"prompt": "x", "sampler_name": "Nope"}, "sampler_name"),
     ("/sdapi/v1/txt2img", {"prompt": "x", "width": 30}, "width"),

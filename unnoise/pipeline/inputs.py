@@ -149,7 +149,12 @@ BATCH_KEY_FIELDS = ("width", "height", "steps", "sampler", "spacing", "guidance_
 
 
 def _fail(name: str, value: Any, allowed: str) -> ValueError:
-    shown = repr(value) if not isinstance(value, Tensor) else f"tensor of shape {tuple(value.shape)}"
+    if isinstance(value, Tensor):
+        shown = f"tensor of shape {tuple(value.shape)}"
+    elif isinstance(value, Image.Image):  # not PIL's repr, with its object address
+        shown = f"<{value.width}x{value.height} {value.mode} image>"
+    else:
+        shown = repr(value)
     return ValueError(f"{name}={shown} is not allowed; {allowed}")
 
 

@@ -1,4 +1,4 @@
-"""Routes: OpenAI Images, AUTOMATIC1111 txt2img, jobs with Server-Sent Events, stored images.
+"""Routes: jobs with Server-Sent Events, stored images, LoRAs (OpenAI Images: ``openai``, AUTOMATIC1111: ``a1111``).
 
 Every generation is a job in the store; the OpenAI and AUTOMATIC1111 routes submit and wait for it (cancelling it
 if the client goes away), the jobs routes return at once.
@@ -7,11 +7,9 @@ if the client goes away), the jobs routes return at once.
 from __future__ import annotations
 
 import asyncio
-import base64
 import functools
 import json
 import logging
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -19,22 +17,11 @@ from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from unnoise.core.samplers import SAMPLERS
+from unnoise.core.schedules import SPACINGS
 from unnoise.models.lora import lora_hash
-from unnoise.pipeline.inputs import SEED_LIMIT
-from unnoise.pipeline.png import A1111_SAMPLERS
 from unnoise.serve.engine import Engine
 from unnoise.serve.jobs import Job, job_view
-from unnoise.serve.schemas import (
-    A1111_FIELDS,
-    OPENAI_FIELDS,
-    ROW_LIMIT,
-    A1111Txt2ImgRequest,
-    JobRequest,
-    OpenAIImageRequest,
-    a1111_values,
-    job_values,
-    openai_values,
-)
+from unnoise.serve.schemas import ROW_LIMIT, JobRequest, job_values
 from unnoise.serve.store import STATUSES
 from unnoise.serve.validation import FIELDS_NATIVE, ApiError, GenerationSpec, build_spec, invalid
 
@@ -83,31 +70,7 @@ def _headers(jobs: list[Job]) -> dict[str, str]:
     return {"X-Job-Id": ",".join(j.id for j in jobs), "X-Batch-Size": ",".join(str(j.batch_size) for j in jobs)}
 
 
-# -- OpenAI --------------------------------------------------------------------------------------------------------
-
-
-@router.post("/v1/images/generations")
-async def images_generations(body: OpenAIImageRequest, request: Request) -> JSONResponse:
-    """OpenAI Images API: ``{created, data: [{b64_json | url, revised_prompt}]}``."""
-    spec = _spec(request, openai_values(body), OPENAI_FIELDS)
-    jobs = request.app.state.engine.submit([spec], "openai")
-    await _wait(request, jobs)
-    _raise_failed(jobs)
-    job, base = jobs[0], str(request.base_url).rstrip("/")
-    if body.response_format == "b64_json":
-        data = [{"b64_json": base64.b64encode(png).decode(), "revised_prompt": None} for _, _, png in job.images]
-    else:
-        data = [{"url": f"{base}/v1/images/{job.id}/{i}.png", "revised_prompt": None} for i in range(spec.n)]
-    return JSONResponse({"created": int(job.created), "data": data}, headers=_headers(jobs))
-
-
-@router.get("/v1/models")
-async def models(request: Request) -> dict[str, Any]:
-    """OpenAI model list: the one model served."""
-    engine: Engine = request.app.state.engine
-    engine.require_ready()
-    entry = {"id": engine.pipe.name, "object": "model", "created": 0, "owned_by": "unnoise"}
-    return {"object": "list", "data": [entry]}
+# -- LoRAs ----------------------------------------------------------------------------------------------------------
 
 
 @router.get("/v1/loras")
@@ -134,58 +97,27 @@ def _file_hash(path: str, mtime_ns: int, size: int) -> str:
     return lora_hash(path)
 
 
-# -- AUTOMATIC1111 -------------------------------------------------------------------------------------------------
+# -- the model -----------------------------------------------------------------------------------------------------
 
 
-@router.post("/sdapi/v1/txt2img")
-async def txt2img(body: A1111Txt2ImgRequest, request: Request) -> JSONResponse:
-    """AUTOMATIC1111 txt2img: ``n_iter`` batches of ``batch_size``, seeds counting on across them."""
-    limit = request.app.state.config.max_queue
-    if not 1 <= body.n_iter <= limit:
-        raise invalid("n_iter", body.n_iter, f"expected an integer from 1 to {limit} (the server's --max-queue)")
-    first = _spec(request, a1111_values(body), A1111_FIELDS)
-    if first.seed + body.n_iter * first.n > SEED_LIMIT:
-        raise invalid("seed", first.seed, "expected seed + n_iter * batch_size <= 2**63")
-    specs = [first.reseeded(first.seed + k * first.n) for k in range(body.n_iter)]
-    jobs = request.app.state.engine.submit(specs, "a1111")
-    await _wait(request, jobs)
-    _raise_failed(jobs)
-    images = [(seed, params, png) for job in jobs for seed, params, png in job.images]
-    info = _a1111_info(first, body.n_iter, images, request.app.state.engine.pipe)
-    encoded = [base64.b64encode(png).decode() for _, _, png in images] if body.send_images else []
-    payload = {"images": encoded, "parameters": body.model_dump(), "info": json.dumps(info)}
-    return JSONResponse(payload, headers=_headers(jobs))
-
-
-def _a1111_info(first: GenerationSpec, n_iter: int, images: list[tuple[int, str, bytes]], pipe: Any) -> dict:
-    """AUTOMATIC1111's ``info`` (sent JSON-encoded): the settings, and per image its seed and parameters."""
-    count, negative = len(images), first.negative_prompt or ""
-    return {
-        "prompt": first.prompt, "all_prompts": [first.prompt] * count,
-        "negative_prompt": negative, "all_negative_prompts": [negative] * count,
-        "seed": first.seed, "all_seeds": [seed for seed, _, _ in images],
-        "subseed": -1, "all_subseeds": [-1] * count,
-        "width": first.width, "height": first.height, "sampler_name": A1111_SAMPLERS.get(first.sampler, first.sampler),
-        "cfg_scale": first.guidance_scale, "steps": first.steps, "batch_size": first.n, "n_iter": n_iter,
-        "infotexts": [params for _, params, _ in images], "sd_model_name": pipe.name, "sd_model_hash": pipe.model_hash,
-        "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "index_of_first_image": 0,
-    }  # fmt: skip
-
-
-@router.get("/sdapi/v1/samplers")
-async def samplers() -> list[dict[str, Any]]:
-    """AUTOMATIC1111 sampler list: its names where it has one, with ours as aliases."""
-    return [{"name": A1111_SAMPLERS.get(s, s), "aliases": [s], "options": {}} for s in SAMPLERS]
-
-
-@router.get("/sdapi/v1/sd-models")
-async def sd_models(request: Request) -> list[dict[str, Any]]:
+@router.get("/v1/model")
+async def model(request: Request) -> dict[str, Any]:
+    """The model served and what a request to it may ask, as the web page builds its form: the sizes it declares
+    (``pipeline.json``; null: any multiple of ``latent_factor``) and whether others are served (``--any-size``), the
+    samplers and spacings, the model's defaults and the server's limits."""
     engine: Engine = request.app.state.engine
     engine.require_ready()
-    pipe = engine.pipe
-    title = f"{pipe.name} [{pipe.model_hash}]"
-    config = request.app.state.config
-    return [{"title": title, "model_name": pipe.name, "hash": pipe.model_hash, "filename": str(config.model)}]
+    pipe, config = engine.pipe, request.app.state.config
+    sampling, sizes = pipe.config.sampling, pipe.config.sizes
+    return {
+        "id": pipe.name, "hash": pipe.model_hash, "sizes": None if sizes is None else [list(s) for s in sizes],
+        "default_size": list(pipe.default_size), "any_size": config.any_size, "latent_factor": pipe.vae_factor,
+        "samplers": list(SAMPLERS), "spacings": list(SPACINGS),
+        "defaults": {"sampler": sampling.sampler, "spacing": sampling.spacing, "steps": sampling.steps,
+                     "guidance_scale": sampling.guidance_scale},
+        "limits": {"max_batch": config.max_batch, "max_steps": config.max_steps, "max_pixels": config.max_pixels,
+                   "guidance_range": list(config.guidance_range)},
+    }  # fmt: skip
 
 
 # -- jobs ----------------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Request bodies of the three APIs and their translation into ``build_spec`` keywords and field names.
+"""Request bodies of the OpenAI and jobs APIs (AUTOMATIC1111's: ``a1111``) and their translation into
+``build_spec`` keywords and field names.
 
 Bodies check JSON types and the bounds that hold on every server (pydantic, so that /openapi.json states them and
 no integer goes on unbounded); the limits of this server and model (--max-batch, --max-steps, pixels, latent factor,
@@ -12,12 +13,13 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from fastapi import UploadFile
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, WithJsonSchema
+from starlette.datastructures import FormData
 
-from unnoise.core.samplers import SAMPLERS
+from unnoise.pipeline.images import INPAINTING_FILLS, RESIZE_MODES
 from unnoise.pipeline.inputs import SEED_LIMIT
-from unnoise.pipeline.png import A1111_SAMPLERS, A1111_SCHEDULES, lora_prompt_tags
-from unnoise.serve.validation import FIELDS_NATIVE, invalid
+from unnoise.serve.validation import FIELDS_NATIVE, decode_image, invalid
 
 # A job list's offset and an image's index: far past any count of jobs or images, under SQLite's 2**63 - 1, and the
 # largest integer that every JSON client reads exactly (RFC 7493), so that /openapi.json (floats) states it exactly.
@@ -39,28 +41,66 @@ LoRAs = Annotated[
 _LORAS = TypeAdapter(LoRAs)
 
 
-class OpenAIImageRequest(BaseModel):
-    """``POST /v1/images/generations`` (OpenAI Images API) with the extensions negative_prompt ... seed, loras."""
+class OpenAIImageFields(BaseModel):
+    """The fields that OpenAI's generations, edits and variations share, with our extensions negative_prompt ...
+    seed; None means the model's default."""
 
     model_config = ConfigDict(extra="ignore")
-    prompt: str
     n: Images | None = 1
     size: str | None = None  # "WIDTHxHEIGHT"; None or "auto": the model's size
     response_format: Literal["url", "b64_json"] | None = "url"
     output_format: Literal["png"] | None = None
     model: str | None = None  # one model is served; any name is accepted
+    user: str | None = None  # OpenAI's end-user id for abuse monitoring: accepted, not used
+    stream: bool | None = None  # streamed partial images are not served: true is refused
     negative_prompt: str | None = None
     steps: Steps | None = None
     sampler: str | None = None
     guidance_scale: float | None = None
     seed: Seed | None = None
+
+
+class OpenAIImageRequest(OpenAIImageFields):
+    """``POST /v1/images/generations`` (OpenAI Images API), JSON, with the extensions of ``OpenAIImageFields`` and
+    loras."""
+
+    prompt: str
     loras: LoRAs | None = None
+
+
+# A file of a multipart form. A text value where a file belongs passes here and is refused by the route with the 400
+# that every unusable image gets; /openapi.json states the file.
+Upload = Annotated[UploadFile | str, WithJsonSchema({"type": "string", "contentMediaType": "application/octet-stream"})]
+Strength = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False, description="the part of the sampler's steps "
+                                  "that runs from the noised input: 1 repaints it all")]  # fmt: skip
+
+
+class OpenAIVariationForm(OpenAIImageFields):
+    """``POST /v1/images/variations`` (multipart/form-data): one PNG ``image``, sent as ``image`` or, as the openai
+    client sends a list, ``image[]``; LoRAs as form fields ``loras[NAME]=SCALE``; extensions ``prompt`` (default
+    empty: our models are text-conditioned, a variation is unconditional) and ``strength``."""
+
+    image: list[Upload] | None = Field(None, description="one PNG file (required)")
+    image_list: list[Upload] | None = Field(None, alias="image[]", description="the openai client's name for a "
+                                            "list of images: one PNG file")  # fmt: skip
+    prompt: str = ""
+    strength: Strength | None = None
+
+
+class OpenAIEditForm(OpenAIVariationForm):
+    """``POST /v1/images/edits`` (multipart/form-data): ``prompt``, one PNG ``image`` and an optional PNG ``mask`` of
+    its size whose fully transparent pixels (alpha 0) are repainted; without a mask the whole image is edited."""
+
+    prompt: str
+    mask: Upload | None = Field(None, description="a PNG of the image's size with an alpha channel")
 
 
 OPENAI_FIELDS = {**FIELDS_NATIVE, "width": "size", "height": "size"}
 
 
-def openai_values(body: OpenAIImageRequest) -> dict[str, Any]:
+def openai_values(body: OpenAIImageFields, prompt: str, loras: dict[str, float] | None) -> dict[str, Any]:
+    if body.stream:
+        raise invalid("stream", body.stream, "this server answers with the finished images only (false)")
     width = height = None
     if body.size is not None and body.size != "auto":
         match = re.fullmatch(r"(\d+)x(\d+)", body.size)
@@ -68,84 +108,37 @@ def openai_values(body: OpenAIImageRequest) -> dict[str, Any]:
             raise invalid("size", body.size, "expected WIDTHxHEIGHT, e.g. 512x512, or auto")
         width, height = int(match[1]), int(match[2])
     return dict(
-        prompt=body.prompt, negative_prompt=body.negative_prompt, n=1 if body.n is None else body.n, width=width,
+        prompt=prompt, negative_prompt=body.negative_prompt, n=1 if body.n is None else body.n, width=width,
         height=height, steps=body.steps, sampler=body.sampler, guidance_scale=body.guidance_scale, seed=body.seed,
-        loras=body.loras,
+        loras=loras,
     )  # fmt: skip
 
 
-class A1111Txt2ImgRequest(BaseModel):
-    """``POST /sdapi/v1/txt2img`` (AUTOMATIC1111's API): the fields below; None means the model's default. LoRAs
-    are named as AUTOMATIC1111 clients name them, by ``<lora:name:scale>`` tags in the prompt."""
-
-    model_config = ConfigDict(extra="ignore")
-    prompt: str = Field("", description="<lora:name:scale> tags in it select LoRA adapters (GET /v1/loras)")
-    negative_prompt: str | None = ""
-    steps: Steps | None = None
-    cfg_scale: float | None = None
-    sampler_name: str | None = None
-    sampler_index: str | None = None  # older clients' name for sampler_name
-    scheduler: str | None = None  # "Automatic", "Karras", "Exponential"
-    seed: Annotated[int, Field(ge=-1, le=SEED_LIMIT - 1, description="-1: a random one")] | None = -1
-    width: Side | None = None
-    height: Side | None = None
-    batch_size: Images = 1
-    n_iter: Annotated[int, Field(ge=1, description="batches, at most the server's --max-queue")] = 1
-    send_images: bool = True
-
-
-A1111_FIELDS = {**FIELDS_NATIVE, "n": "batch_size", "guidance_scale": "cfg_scale", "sampler": "sampler_name",
-                "spacing": "scheduler", "loras": "prompt"}  # fmt: skip
-_A1111_BACK = {v.lower(): k for k, v in A1111_SAMPLERS.items()} | {k: k for k in SAMPLERS}
-_SCHEDULES_BACK = {v.lower(): k for k, v in A1111_SCHEDULES.items()}
-
-
-def a1111_values(body: A1111Txt2ImgRequest) -> dict[str, Any]:
-    sampler, spacing = _a1111_sampler(body.sampler_name or body.sampler_index)
-    if body.scheduler is not None and body.scheduler.lower() != "automatic":
-        if body.scheduler.lower() not in _SCHEDULES_BACK:
-            allowed = ", ".join(["Automatic", *A1111_SCHEDULES.values()])
-            raise invalid("scheduler", body.scheduler, f"allowed: {allowed}")
-        spacing = _SCHEDULES_BACK[body.scheduler.lower()]
-    prompt, loras = _a1111_loras(body.prompt)
-    return dict(
-        prompt=prompt, negative_prompt=body.negative_prompt or None, n=body.batch_size, width=body.width,
-        height=body.height, steps=body.steps, sampler=sampler, spacing=spacing, guidance_scale=body.cfg_scale,
-        seed=None if body.seed in (None, -1) else body.seed, loras=loras,
-    )  # fmt: skip
-
-
-def _a1111_loras(prompt: str) -> tuple[str, dict[str, float] | None]:
-    """The prompt without its ``<lora:name:scale>`` tags and the tags' adapters (None without tags), as
-    AUTOMATIC1111 reads them, within the bounds of the other APIs' ``loras`` field."""
+def form_loras(form: FormData) -> dict[str, float] | None:
+    """The ``loras[NAME]=SCALE`` fields of a multipart form (as the openai client sends ``extra_body={"loras":
+    {...}}``), within the bounds of the JSON bodies' ``loras``; None without them."""
+    if "loras" in form:
+        raise invalid("loras", form["loras"], "send each adapter as a form field loras[NAME]=SCALE")
+    loras: dict[str, Any] = {}
+    for key, value in form.multi_items():
+        match = re.fullmatch(r"loras\[(.+)\]", key)
+        if match is not None:
+            loras[match[1]] = value
     try:
-        text, loras = lora_prompt_tags(prompt)
-    except ValueError as error:
-        raise invalid("prompt", prompt[:200], str(error)) from None
-    try:
-        _LORAS.validate_python(loras)
+        return _LORAS.validate_python(loras) or None
     except ValidationError as error:
         first = error.errors()[0]
-        raise invalid("prompt", f"<lora:{first['loc'][0]}:{first['input']}>", first["msg"]) from None
-    return text, loras or None
+        name = first["loc"][0]
+        raise invalid(f"loras.{name}", loras[name], first["msg"]) from None
 
 
-def _a1111_sampler(name: str | None) -> tuple[str | None, str | None]:
-    """(our sampler, spacing or None) from an AUTOMATIC1111 name, old style ("DPM++ 2M Karras") included."""
-    if name is None:
-        return None, None
-    text = name.strip().lower()
-    for label, spacing in _SCHEDULES_BACK.items():
-        if text.endswith(" " + label) and text[: -len(label) - 1] in _A1111_BACK:
-            return _A1111_BACK[text[: -len(label) - 1]], spacing
-    if text in _A1111_BACK:
-        return _A1111_BACK[text], None
-    allowed = ", ".join([*A1111_SAMPLERS.values(), *(s for s in SAMPLERS if s not in A1111_SAMPLERS)])
-    raise invalid("sampler_name", name, f"allowed: {allowed} (optionally followed by Karras or Exponential)")
+Base64Image = Annotated[str, Field(description="base64 of an image file (PNG, JPEG, WebP ...); a data: URL "
+                                    "(data:image/png;base64,...) is accepted as it is")]  # fmt: skip
 
 
 class JobRequest(BaseModel):
-    """``POST /v1/jobs``: our names; unknown fields are refused."""
+    """``POST /v1/jobs``: our names (the library's ``Request`` fields); unknown fields are refused. ``image`` makes it
+    img2img, ``mask`` too inpainting (docs/img2img.md); None: the pipeline's default."""
 
     model_config = ConfigDict(extra="forbid")
     prompt: str
@@ -158,7 +151,23 @@ class JobRequest(BaseModel):
     guidance_scale: float | None = None
     seed: Seed | None = None
     loras: LoRAs | None = None
+    image: Base64Image | None = None
+    mask: Base64Image | None = Field(None, description="base64 image of the image's size, white where it is "
+                                     "repainted (a data: URL accepted)")  # fmt: skip
+    strength: Strength | None = None
+    resize_mode: str | None = Field(None, description=f"one of {', '.join(RESIZE_MODES)}")
+    mask_blur: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
+    mask_invert: bool | None = None
+    inpainting_fill: str | None = Field(None, description=f"one of {', '.join(INPAINTING_FILLS)}")
+    inpaint_full_res: bool | None = None
+    inpaint_full_res_padding: Annotated[int, Field(ge=0, le=2**15)] | None = None
+    paste_back: bool | None = None
 
 
 def job_values(body: JobRequest) -> dict[str, Any]:
-    return body.model_dump()
+    """``build_spec`` keywords: the body's fields, its images decoded (422 naming the field if one is not)."""
+    values = body.model_dump()
+    for key in ("image", "mask"):
+        if values[key] is not None:
+            values[key] = decode_image(key, values[key])
+    return values

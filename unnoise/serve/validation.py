@@ -7,12 +7,21 @@ a 422 that names the field as the client sent it. The server checks only its own
 steps, pixels, guidance range), then runs the pipeline's ``resolve_request`` once (the engine later hands the
 resolved request to ``Pipeline.generate``), then the model's declared sizes (400) and the VRAM budget (413). A LoRA
 name that the pipeline does not know (``Pipeline.available_loras``: loaded, or a file of ``lora_dir``) is a 400.
+img2img, inpainting and the hires fix are the keywords of ``EDIT_KEYS`` (the ``Request`` fields of the same names),
+checked by the pipeline; the server adds its pixel limit on an input image's size and on the hires fix's upscaled
+size, which is also the size the VRAM budget is checked at.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
+import hashlib
+import io
 from typing import Any
+
+from PIL import Image, UnidentifiedImageError
 
 from unnoise.checks import is_int, is_number
 from unnoise.pipeline import Request, ResolvedRequest, resolve_request
@@ -42,6 +51,28 @@ def invalid(param: str, value: Any, allowed: str) -> ApiError:
     return ApiError(422, f"{param}={value!r} is not allowed; {allowed}", param=param, code="invalid_value")
 
 
+MAX_INPUT_PIXELS = 4096 * 4096  # an input image or mask, checked before decoding: a small PNG may claim a huge canvas
+
+
+def decode_image(field: str, text: str) -> Image.Image:
+    """A base64 image (a ``data:image/...;base64,`` prefix allowed), read; 422 naming ``field`` if it is not one."""
+    if text.startswith(("http://", "https://")):
+        raise invalid(field, text[:80], "this server does not fetch URLs; send the image base64-encoded")
+    data = text.split(",", 1)[1] if text.startswith("data:") and "," in text else text
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise invalid(field, f"{text[:40]}...", "it is not valid base64") from None
+    try:
+        image = Image.open(io.BytesIO(raw))
+        if image.width * image.height > MAX_INPUT_PIXELS:
+            raise invalid(field, f"{image.width}x{image.height} image", f"at most {MAX_INPUT_PIXELS} pixels")
+        image.load()
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError) as error:
+        raise invalid(field, f"{text[:40]}...", f"it is not a readable image ({type(error).__name__})") from None
+    return image
+
+
 @dataclasses.dataclass(frozen=True)
 class GenerationSpec:
     """One request's validated settings, as stored: ``n`` images with seeds ``seed .. seed + n - 1``.
@@ -60,12 +91,33 @@ class GenerationSpec:
     guidance_scale: float
     seed: int
     loras: dict[str, float] = dataclasses.field(default_factory=dict)  # the adapters that run, by name (none at 0)
+    # img2img, inpainting and the hires fix, as given (None: not asked for; ``EDIT_KEYS``). An input image is kept as
+    # the sha256 of its pixels (``image_digest``), never the pixels: a restart fails the jobs it finds queued instead
+    # of running them again (``store``), so what is stored only has to say which image a job was given.
+    image: str | None = None
+    mask: str | None = None
+    strength: float | None = None
+    resize_mode: str | None = None
+    mask_blur: float | None = None
+    mask_invert: bool | None = None
+    inpainting_fill: str | None = None
+    inpaint_full_res: bool | None = None
+    inpaint_full_res_padding: int | None = None
+    paste_back: bool | None = None
+    hires: dict[str, Any] | None = None  # the fields of ``unnoise.pipeline.hires.Hires``
     resolved: ResolvedRequest | None = dataclasses.field(default=None, compare=False, repr=False)
 
     @classmethod
     def of(cls, req: ResolvedRequest) -> GenerationSpec:
         return cls(req.prompt, req.negative_prompt, req.num_images, req.width, req.height, req.steps, req.sampler,
-                   req.spacing, req.guidance_scale, req.seed, dict(req.loras), req)  # fmt: skip
+                   req.spacing, req.guidance_scale, req.seed, dict(req.loras), resolved=req)  # fmt: skip
+
+    @property
+    def peak_size(self) -> tuple[int, int]:
+        """(width, height) of the largest pass: the hires fix's upscaled size, else the request's."""
+        if self.resolved is not None and self.resolved.hires is not None:
+            return self.resolved.hires.upscale_to
+        return self.width, self.height
 
     @property
     def batch_key(self) -> tuple[Any, ...]:
@@ -90,6 +142,28 @@ class GenerationSpec:
 # Our keyword -> the field name in each API (for messages); absent: the API has no such field.
 FIELDS_NATIVE = {k: k for k in ("prompt", "negative_prompt", "n", "width", "height", "steps", "sampler",
                                 "guidance_scale", "seed", "spacing", "loras")}  # fmt: skip
+# img2img, inpainting and hires keywords of ``build_spec``, passed to ``Request`` as given (None: the pipeline's
+# default): ``image`` and ``mask`` are PIL images (each API decodes its own encoding), ``hires`` a ``Hires``.
+EDIT_KEYS = ("image", "mask", "strength", "resize_mode", "mask_blur", "mask_invert", "inpainting_fill",
+             "inpaint_full_res", "inpaint_full_res_padding", "paste_back", "hires")  # fmt: skip
+
+
+def image_digest(image: Any) -> str:
+    """``sha256:HEX`` of a PIL image's mode, size and pixels: how a spec records an input image."""
+    digest = hashlib.sha256(f"{image.mode} {image.width}x{image.height}\n".encode())
+    digest.update(image.tobytes())
+    return f"sha256:{digest.hexdigest()}"
+
+
+def _stored_edits(edits: dict[str, Any]) -> dict[str, Any]:
+    """The ``EDIT_KEYS`` values of a request as ``GenerationSpec`` stores them (JSON)."""
+    stored = dict(edits)
+    for key in ("image", "mask"):
+        if key in stored:
+            stored[key] = image_digest(stored[key])
+    if "hires" in stored:
+        stored["hires"] = dataclasses.asdict(stored["hires"])
+    return stored
 
 
 def build_spec(values: dict[str, Any], fields: dict[str, str], limits: ServeConfig, pipe: Any,
@@ -108,11 +182,14 @@ def build_spec(values: dict[str, Any], fields: dict[str, str], limits: ServeConf
     lo, hi = limits.guidance_range
     if scale is not None and (not is_number(scale) or not lo <= scale <= hi):
         raise invalid(name("guidance_scale"), scale, f"expected a number from {lo:g} to {hi:g}")
+    edits = {key: values[key] for key in EDIT_KEYS if values.get(key) is not None}
     width, height = _size(fields, values, limits, pipe)
+    if "image" in edits:  # without width and height the output has the image's size, checked once resolved
+        width, height = values.get("width"), values.get("height")
     request = Request(
         prompt, negative_prompt=negative, num_images=n, steps=values.get("steps"), sampler=values.get("sampler"),
         guidance_scale=scale, seed=values.get("seed"), width=width, height=height, spacing=values.get("spacing"),
-        loras=values.get("loras"),
+        loras=values.get("loras"), prompt_syntax=values.get("prompt_syntax"), **edits,
     )  # fmt: skip
     try:
         resolved = resolve_request(pipe, request)
@@ -124,7 +201,8 @@ def build_spec(values: dict[str, Any], fields: dict[str, str], limits: ServeConf
         # name this server does not have (400, as a size the model does not declare), not a malformed value
         status, code = (400, "unknown_lora") if key == "loras" else (422, "invalid_value")
         raise ApiError(status, f"{param}{message[len(key) :]}", param=param, code=code) from None
-    spec = GenerationSpec.of(resolved)
+    spec = dataclasses.replace(GenerationSpec.of(resolved), **_stored_edits(edits))
+    _resolved_pixels(spec, fields, values, limits)
     _declared_size(spec, fields, limits, pipe)
     if planner is not None:
         check_fits(spec, planner, fields)
@@ -132,12 +210,13 @@ def build_spec(values: dict[str, Any], fields: dict[str, str], limits: ServeConf
 
 
 def check_fits(spec: GenerationSpec, planner: VramPlanner, fields: dict[str, str]) -> None:
-    """413 when the request cannot run even alone within the VRAM budget."""
-    fits = planner.max_batch(spec.width, spec.height)
+    """413 when the request cannot run even alone within the VRAM budget (at its largest pass's size)."""
+    width, height = spec.peak_size
+    fits = planner.max_batch(width, height)
     if spec.n <= fits:
         return
-    need = planner.estimate(spec.n, spec.width, spec.height)
-    what = f"{fields.get('n', 'n')}={spec.n} at {spec.width}x{spec.height}"
+    need = planner.estimate(spec.n, width, height)
+    what = f"{fields.get('n', 'n')}={spec.n} at {width}x{height}"
     advice = f"at this size at most {fields.get('n', 'n')}={fits} fits" if fits else "ask for a smaller size"
     message = (
         f"{what} needs an estimated {need.describe()}, over the server's VRAM budget of "
@@ -156,6 +235,23 @@ def _size(fields: dict[str, str], values: dict[str, Any], limits: ServeConfig, p
         value = f"{width}x{height}" if one_field else height if key == "height" else width
         raise invalid(fields.get(key, key), value, allowed)
     return width, height
+
+
+def _resolved_pixels(spec: GenerationSpec, fields: dict[str, str], values: dict[str, Any], limits: ServeConfig) -> None:
+    """The server's pixels for what ``_size`` could not see before resolving: the size an input image gives, and the
+    hires fix's upscaled size (the model's declared sizes do not bound it: going past them is what it is for)."""
+    if spec.width * spec.height > limits.max_pixels:
+        param = fields.get("image", "image")
+        raise invalid(param, f"{spec.width}x{spec.height} image", f"more than the server's {limits.max_pixels} pixels; "
+                      "pass a smaller width and height")  # fmt: skip
+    width, height = spec.peak_size
+    if width * height > limits.max_pixels:
+        hires = values["hires"]
+        key, value = ("hires.width", hires.width) if hires.width or hires.height else ("hires.scale", hires.scale)
+        if key == "hires.width" and not hires.width:
+            key, value = "hires.height", hires.height
+        raise invalid(fields.get(key, key), value, f"it upscales {spec.width}x{spec.height} to {width}x{height}, "
+                      f"more than the server's {limits.max_pixels} pixels")  # fmt: skip
 
 
 def _declared_size(spec: GenerationSpec, fields: dict[str, str], limits: ServeConfig, pipe: Any) -> None:
