@@ -37,8 +37,8 @@ from unnoise.pipeline.loading import SINGLE_FILE_SUFFIXES
 from unnoise.pipeline.png import A1111_SAMPLERS, A1111_SCHEDULES, split_parameters
 from unnoise.pipeline.prompts import extract_loras
 from unnoise.serve.engine import Engine
-from unnoise.serve.routes import _file_hash, _headers, _raise_failed, _spec, _wait
-from unnoise.serve.schemas import _LORAS, Images, Side, Steps
+from unnoise.serve.routes import job_headers, lora_file_hash, raise_failed, request_spec, wait_for_jobs
+from unnoise.serve.schemas import LORAS_ADAPTER, Images, Side, Steps
 from unnoise.serve.validation import FIELDS_NATIVE, ApiError, GenerationSpec, decode_image, invalid
 
 router = APIRouter()
@@ -229,7 +229,7 @@ def _check_lora_tags(prompt: str) -> None:
     except ValueError as error:
         raise invalid("prompt", prompt[:200], str(error).removeprefix("prompt: ")) from None
     try:
-        _LORAS.validate_python(loras)
+        LORAS_ADAPTER.validate_python(loras)
     except ValidationError as error:
         first = error.errors()[0]
         raise invalid("prompt", f"<lora:{first['loc'][0]}:{first['input']}>", first["msg"]) from None
@@ -281,13 +281,13 @@ async def _generate(request: Request, body: A1111Request, values: dict[str, Any]
     _check_overrides(request, body.override_settings)
     engine.require_ready()
     _known_lora_tags(body.prompt, engine.pipe.available_loras())
-    first = _spec(request, values, A1111_FIELDS)
+    first = request_spec(request, values, A1111_FIELDS)
     if first.seed + body.n_iter * first.n > SEED_LIMIT:
         raise invalid("seed", first.seed, "expected seed + n_iter * batch_size <= 2**63")
     specs = [first.reseeded(first.seed + k * first.n) for k in range(body.n_iter)]
     jobs = engine.submit(specs, API)
-    await _wait(request, jobs)
-    _raise_failed([job for job in jobs if job.error_code not in STOPPED])
+    await wait_for_jobs(request, jobs)
+    raise_failed([job for job in jobs if job.error_code not in STOPPED])
     made = [job for job in jobs if job.status == "succeeded"]
     images = [(seed, params, png) for job in made for seed, params, png in job.images]
     info = _info(body, first, images, engine)
@@ -296,7 +296,7 @@ async def _generate(request: Request, body: A1111Request, values: dict[str, Any]
     if isinstance(body, A1111Img2ImgRequest) and not body.include_init_images:
         parameters["init_images"] = parameters["mask"] = None
     return JSONResponse({"images": encoded, "parameters": parameters, "info": json.dumps(info)},
-                        headers=_headers(jobs))  # fmt: skip
+                        headers=job_headers(jobs))  # fmt: skip
 
 
 def _info(body: A1111Request, first: GenerationSpec, images: list[tuple[int, str, bytes]], engine: Engine) -> dict:
@@ -597,7 +597,7 @@ def loras(request: Request) -> list[dict[str, Any]]:
             with safe_open(str(path), "pt") as f:
                 metadata = f.metadata() or {}
         stat = Path(path).stat() if path is not None else None
-        digest = _file_hash(str(path), stat.st_mtime_ns, stat.st_size) if stat is not None else None
+        digest = lora_file_hash(str(path), stat.st_mtime_ns, stat.st_size) if stat is not None else None
         out.append({"name": name, "alias": name, "path": str(path), "metadata": metadata, "hash": digest})
     return out
 

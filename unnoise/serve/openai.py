@@ -25,7 +25,7 @@ from starlette.datastructures import UploadFile  # what the form holds (FastAPI'
 
 from unnoise.pipeline.images import has_alpha
 from unnoise.serve.engine import Engine
-from unnoise.serve.routes import _headers, _raise_failed, _spec, _wait
+from unnoise.serve.routes import job_headers, raise_failed, request_spec, wait_for_jobs
 from unnoise.serve.schemas import (
     OPENAI_FIELDS,
     OpenAIEditForm,
@@ -49,7 +49,7 @@ MULTIPART = "multipart/form-data"
 @router.post("/v1/images/generations")
 async def images_generations(body: OpenAIImageRequest, request: Request) -> JSONResponse:
     """OpenAI Images API: ``{created, data: [{b64_json | url, revised_prompt}]}``."""
-    spec = _spec(request, openai_values(body, body.prompt, body.loras), OPENAI_FIELDS)
+    spec = request_spec(request, openai_values(body, body.prompt, body.loras), OPENAI_FIELDS)
     return await _images(request, spec, body.response_format)
 
 
@@ -74,7 +74,7 @@ async def images_edits(form: Annotated[OpenAIEditForm, Form(media_type=MULTIPART
     if strength is None:
         strength = MASKED_EDIT_STRENGTH if mask is not None else EDIT_STRENGTH
     values = await _form_values(request, form, image, mask, strength)
-    return await _images(request, _spec(request, values, OPENAI_FIELDS), form.response_format)
+    return await _images(request, request_spec(request, values, OPENAI_FIELDS), form.response_format)
 
 
 @router.post("/v1/images/variations", dependencies=[Depends(_form_body)])
@@ -84,7 +84,7 @@ async def images_variations(form: Annotated[OpenAIVariationForm, Form(media_type
     image = await _one_image(form)
     strength = VARIATION_STRENGTH if form.strength is None else form.strength
     values = await _form_values(request, form, image, None, strength)
-    return await _images(request, _spec(request, values, OPENAI_FIELDS), form.response_format)
+    return await _images(request, request_spec(request, values, OPENAI_FIELDS), form.response_format)
 
 
 @router.get("/v1/models")
@@ -99,14 +99,14 @@ async def models(request: Request) -> dict[str, Any]:
 async def _images(request: Request, spec: GenerationSpec, response_format: str | None) -> JSONResponse:
     """Run ``spec`` and answer as OpenAI: ``{created, data: [{b64_json | url, revised_prompt}]}``."""
     jobs = request.app.state.engine.submit([spec], "openai")
-    await _wait(request, jobs)
-    _raise_failed(jobs)
+    await wait_for_jobs(request, jobs)
+    raise_failed(jobs)
     job, base = jobs[0], str(request.base_url).rstrip("/")
     if response_format == "b64_json":
         data = [{"b64_json": base64.b64encode(png).decode(), "revised_prompt": None} for _, _, png in job.images]
     else:
         data = [{"url": f"{base}/v1/images/{job.id}/{i}.png", "revised_prompt": None} for i in range(spec.n)]
-    return JSONResponse({"created": int(job.created), "data": data}, headers=_headers(jobs))
+    return JSONResponse({"created": int(job.created), "data": data}, headers=job_headers(jobs))
 
 
 async def _form_values(request: Request, form: OpenAIVariationForm, image: Image.Image, mask: Image.Image | None,

@@ -30,7 +30,7 @@ LOG = logging.getLogger("unnoise.serve")
 KEEP_ALIVE_S = 15.0
 
 
-def _spec(request: Request, values: dict[str, Any], fields: dict[str, str]) -> GenerationSpec:
+def request_spec(request: Request, values: dict[str, Any], fields: dict[str, str]) -> GenerationSpec:
     """Validate against the loaded model (503 while it loads), then the VRAM budget, then the prompt filter."""
     engine: Engine = request.app.state.engine
     engine.require_ready()
@@ -42,7 +42,7 @@ def _spec(request: Request, values: dict[str, Any], fields: dict[str, str]) -> G
     return spec
 
 
-async def _wait(request: Request, jobs: list[Job]) -> None:
+async def wait_for_jobs(request: Request, jobs: list[Job]) -> None:
     """Wait until every job is finished; cancel them if the client disconnects first."""
     engine: Engine = request.app.state.engine
     loop = asyncio.get_running_loop()
@@ -59,14 +59,14 @@ async def _wait(request: Request, jobs: list[Job]) -> None:
                     return
 
 
-def _raise_failed(jobs: list[Job]) -> None:
+def raise_failed(jobs: list[Job]) -> None:
     for job in jobs:
         if job.status != "succeeded":
             status = job.http_status or (499 if job.status == "cancelled" else 500)
             raise ApiError(status, job.error or job.status, code=job.error_code, headers={"X-Job-Id": job.id})
 
 
-def _headers(jobs: list[Job]) -> dict[str, str]:
+def job_headers(jobs: list[Job]) -> dict[str, str]:
     return {"X-Job-Id": ",".join(j.id for j in jobs), "X-Batch-Size": ",".join(str(j.batch_size) for j in jobs)}
 
 
@@ -86,13 +86,13 @@ def loras(request: Request) -> dict[str, Any]:
             digest = info[name].hash
         else:
             stat = path.stat()
-            digest = _file_hash(str(path), stat.st_mtime_ns, stat.st_size)
+            digest = lora_file_hash(str(path), stat.st_mtime_ns, stat.st_size)
         data.append({"name": name, "object": "lora", "hash": digest, "loaded": name in info})
     return {"object": "list", "data": data}
 
 
 @functools.lru_cache(maxsize=1024)
-def _file_hash(path: str, mtime_ns: int, size: int) -> str:
+def lora_file_hash(path: str, mtime_ns: int, size: int) -> str:
     """``lora_hash`` of a file, once per version of it (its modification time and size are part of the key)."""
     return lora_hash(path)
 
@@ -126,7 +126,7 @@ async def model(request: Request) -> dict[str, Any]:
 @router.post("/v1/jobs", status_code=202)
 async def create_job(body: JobRequest, request: Request) -> JSONResponse:
     """Queue a job and return it at once (202): poll ``GET /v1/jobs/{id}`` or stream its events."""
-    spec = _spec(request, job_values(body), FIELDS_NATIVE)
+    spec = request_spec(request, job_values(body), FIELDS_NATIVE)
     [job] = request.app.state.engine.submit([spec], "jobs")
     return JSONResponse(job_view(job.record(), str(request.base_url)), status_code=202)
 

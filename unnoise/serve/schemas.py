@@ -38,7 +38,7 @@ LoRAs = Annotated[
           "their scales; exactly these run, others are off; absent: the served pipeline's own (none on "
           "`unnoise serve`)"),
 ]  # fmt: skip
-_LORAS = TypeAdapter(LoRAs)
+LORAS_ADAPTER = TypeAdapter(LoRAs)
 
 
 class OpenAIImageFields(BaseModel):
@@ -125,7 +125,7 @@ def form_loras(form: FormData) -> dict[str, float] | None:
         if match is not None:
             loras[match[1]] = value
     try:
-        return _LORAS.validate_python(loras) or None
+        return LORAS_ADAPTER.validate_python(loras) or None
     except ValidationError as error:
         first = error.errors()[0]
         name = first["loc"][0]
