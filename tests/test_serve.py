@@ -604,3 +604,17 @@ def test_a_request_is_the_same_alone_in_a_batch_through_the_cli_and_the_server(t
             assert parse_parameters(got.info["parameters"]) == parse_parameters(want.info["parameters"])
             difference = np.abs(np.asarray(got, float) - np.asarray(want, float)).max()
             assert difference <= 1, difference  # 8-bit levels
+
+
+def test_cache_interval_reaches_the_pipeline_from_jobs_and_openai(server):
+    """Feature caching is a request field of the jobs API and an OpenAI extension: the pipeline records it."""
+    job = post(server, "/v1/jobs", {"prompt": "a five", "steps": 4, "cache_interval": 2}).json()
+    record = wait_job(server, job["id"])
+    assert record["status"] == "succeeded" and record["request"]["cache_interval"] == 2
+    assert png_parameters(requests.get(record["images"][0]["url"], timeout=10).content)["cache_interval"] == 2
+    body = {"prompt": "a five", "steps": 4, "cache_interval": 3, "response_format": "b64_json"}
+    data = post(server, "/v1/images/generations", body).json()["data"]
+    assert png_parameters(base64.b64decode(data[0]["b64_json"]))["cache_interval"] == 3
+    for path in ("/v1/jobs", "/v1/images/generations"):
+        response = post(server, path, {"prompt": "a five", "cache_interval": 0})
+        assert response.status_code == 422 and "cache_interval" in response.text

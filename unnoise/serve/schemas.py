@@ -41,6 +41,11 @@ LoRAs = Annotated[
 LORAS_ADAPTER = TypeAdapter(LoRAs)
 
 
+# Feature caching (``Request.cache_interval``): a full U-Net call every N calls, the outer level only between them.
+CacheInterval = Annotated[int, Field(ge=1, le=1000, description="feature caching: a full U-Net call every N calls "
+                                     "(the outermost level only between them); 1: none")]  # fmt: skip
+
+
 class OpenAIImageFields(BaseModel):
     """The fields that OpenAI's generations, edits and variations share, with our extensions negative_prompt ...
     seed; None means the model's default."""
@@ -58,6 +63,7 @@ class OpenAIImageFields(BaseModel):
     sampler: str | None = None
     guidance_scale: float | None = None
     seed: Seed | None = None
+    cache_interval: CacheInterval | None = None
 
 
 class OpenAIImageRequest(OpenAIImageFields):
@@ -110,7 +116,7 @@ def openai_values(body: OpenAIImageFields, prompt: str, loras: dict[str, float] 
     return dict(
         prompt=prompt, negative_prompt=body.negative_prompt, n=1 if body.n is None else body.n, width=width,
         height=height, steps=body.steps, sampler=body.sampler, guidance_scale=body.guidance_scale, seed=body.seed,
-        loras=loras,
+        loras=loras, cache_interval=body.cache_interval,
     )  # fmt: skip
 
 
@@ -162,6 +168,7 @@ class JobRequest(BaseModel):
     inpaint_full_res: bool | None = None
     inpaint_full_res_padding: Annotated[int, Field(ge=0, le=2**15)] | None = None
     paste_back: bool | None = None
+    cache_interval: CacheInterval | None = None
 
 
 def job_values(body: JobRequest) -> dict[str, Any]:

@@ -105,6 +105,7 @@ class GenerationSpec:
     inpaint_full_res_padding: int | None = None
     paste_back: bool | None = None
     hires: dict[str, Any] | None = None  # the fields of ``unnoise.pipeline.hires.Hires``
+    cache_interval: int | None = None  # feature caching (``Request.cache_interval``), as given
     resolved: ResolvedRequest | None = dataclasses.field(default=None, compare=False, repr=False)
 
     @classmethod
@@ -146,6 +147,8 @@ FIELDS_NATIVE = {k: k for k in ("prompt", "negative_prompt", "n", "width", "heig
 # default): ``image`` and ``mask`` are PIL images (each API decodes its own encoding), ``hires`` a ``Hires``.
 EDIT_KEYS = ("image", "mask", "strength", "resize_mode", "mask_blur", "mask_invert", "inpainting_fill",
              "inpaint_full_res", "inpaint_full_res_padding", "paste_back", "hires")  # fmt: skip
+# Other ``Request`` fields passed as given and stored in the spec: feature caching.
+PASSED_KEYS = (*EDIT_KEYS, "cache_interval")
 
 
 def image_digest(image: Any) -> str:
@@ -182,7 +185,7 @@ def build_spec(values: dict[str, Any], fields: dict[str, str], limits: ServeConf
     lo, hi = limits.guidance_range
     if scale is not None and (not is_number(scale) or not lo <= scale <= hi):
         raise invalid(name("guidance_scale"), scale, f"expected a number from {lo:g} to {hi:g}")
-    edits = {key: values[key] for key in EDIT_KEYS if values.get(key) is not None}
+    edits = {key: values[key] for key in PASSED_KEYS if values.get(key) is not None}
     width, height = _size(fields, values, limits, pipe)
     if "image" in edits:  # without width and height the output has the image's size, checked once resolved
         width, height = values.get("width"), values.get("height")
