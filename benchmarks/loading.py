@@ -1,16 +1,23 @@
 """Loading a full-size single file: our ``load_single_file`` against diffusers' ``from_single_file``, time and memory.
 
-    python benchmarks/loading.py                  # SD-1.5-shaped random fp16 file (2.1 GB), 2 runs each, to stdout
-    python benchmarks/loading.py --dtype fp32     # the same in float32 (4.3 GB)
-    python benchmarks/loading.py --tiny           # a tiny model: checks that the script runs (the test does this)
+    python benchmarks/loading.py --report docs/benchmarks/loading.md  # fp32, fp16, bf16 files, 5 runs (~10 min)
+    python benchmarks/loading.py --dtypes fp16 --runs 3               # one file, the table to stdout
+    python benchmarks/loading.py --tiny --runs 1                      # a tiny model: checks that the script runs
 
-The benchmark writes its own file: every tensor of SD 1.5's U-Net, VAE and CLIP text encoder in the original layout
-(random values; plus the noise-schedule buffers real files carry), and a diffusers config folder for diffusers (the
-configs shipped in ``unnoise/weights/families/sd1``). Each load runs in a fresh process, the file warm in the page
-cache for both, runs alternating; reported: the best wall time of the load call, the peak resident memory it added
-(the process's high-water mark minus its resident memory before the call) and that peak over the bytes of the
-networks it built. Both load in the file's dtype (ours: ``dtype=``, the VAE in float32 as ``force_upcast`` asks;
-diffusers: ``torch_dtype=``), so model bytes may differ slightly; the ratio is each one's own.
+The benchmark writes its own files: every tensor of SD 1.5's U-Net, VAE and CLIP text encoder in the original
+layout (random values, about 1.07e9 parameters; plus the noise-schedule buffers real files carry), one file per
+dtype, and a diffusers config folder (the configs shipped in ``unnoise/weights/families/sd1``) that both loaders are
+given as ``config=``. Both load the same file into the same dtype (ours ``dtype=``, diffusers ``torch_dtype=``).
+With SD 1.5's VAE config (``force_upcast``, diffusers' default) our VAE is float32 from a half-precision file
+(``Pipeline.to``'s rule) where diffusers' is not; the "VAE in file dtype" cases give both the same folder with
+``force_upcast: false``, so both end with the same dtypes everywhere.
+
+Method: each load runs in a fresh process. The file is read once before the runs (page cache warm for both) and
+each loader loads it once untimed (warm imports); then the loaders alternate, ``--runs`` times, and the report gives
+medians. Time: wall seconds of the load call alone (imports done before). Memory: the process's peak resident set
+(``ru_maxrss``) after the load and after reading one value from every page of every weight, as a first generation
+does, minus its resident set just before the call (the interpreter with its imports done); both map the file, so a
+weight in the file's dtype becomes resident only when read. Model bytes: the loaded networks' parameters and buffers.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import argparse
 import functools
 import json
 import resource
-import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,11 +40,15 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.report import machine  # noqa: E402
 from unnoise.models import single_file as sf  # noqa: E402
+from unnoise.models import single_file_keys as keys  # noqa: E402
+from unnoise.models.tensor_files import Lazy, meta_network, text_keys, write_safetensors  # noqa: E402
 from unnoise.models.unet import UNet, UNetConfig  # noqa: E402
 from unnoise.models.vae import AutoencoderKL, AutoencoderKLConfig  # noqa: E402
 
-DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FAMILY = sf.FAMILY_CONFIGS / "sd1"
+LOADERS = ("ours", "diffusers")
+GOAL_TIME, GOAL_MEMORY = 0.5, 1.15  # issue 17: load time <= 0.5x diffusers', peak resident memory <= 1.15x the model
 
 
 def _configs(tiny: bool) -> tuple[dict, dict, dict]:
@@ -52,10 +63,10 @@ def _configs(tiny: bool) -> tuple[dict, dict, dict]:
     return unet, vae, text
 
 
-def write_config_folder(folder: Path, tiny: bool) -> None:
-    """A diffusers folder without weights, which ``from_single_file(config=...)`` reads its configs from."""
+def write_config_folder(folder: Path, tiny: bool, *, force_upcast: bool = True) -> None:
+    """A diffusers folder without weights, which both loaders read their configs from."""
     unet, vae, text = _configs(tiny)
-    for name, data in (("unet", unet), ("vae", vae), ("text_encoder", text)):
+    for name, data in (("unet", unet), ("vae", {**vae, "force_upcast": force_upcast}), ("text_encoder", text)):
         (folder / name).mkdir(parents=True)
         (folder / name / "config.json").write_text(json.dumps(data))
     (folder / "scheduler").mkdir()
@@ -76,31 +87,34 @@ def write_random_file(path: Path, dtype: torch.dtype, tiny: bool) -> int:
 
     unet_json, vae_json, text_json = _configs(tiny)
     unet_config, vae_config = UNetConfig.from_diffusers(unet_json), AutoencoderKLConfig.from_diffusers(vae_json)
-    unet = sf.meta_network(lambda: UNet(unet_config)).state_dict()
-    vae = sf.meta_network(lambda: AutoencoderKL(vae_config)).state_dict()
-    text = sf.meta_network(lambda: transformers.CLIPTextModel(transformers.CLIPTextConfig.from_dict(text_json)))
-    names = sf.text_keys(text)
+    unet = meta_network(lambda: UNet(unet_config)).state_dict()
+    vae = meta_network(lambda: AutoencoderKL(vae_config)).state_dict()
+    text = meta_network(lambda: transformers.CLIPTextModel(transformers.CLIPTextConfig.from_dict(text_json)))
+    names = text_keys(text)
     text_state = {ours: text.state_dict()[name] for ours, name in names.items()}
     g = torch.Generator().manual_seed(0)
 
     def random(shape: tuple[int, ...], _: torch.dtype | None = None) -> torch.Tensor:
         return (torch.randn(shape, generator=g) * 0.02).to(dtype)
 
-    def lazy(state: dict) -> dict[str, sf.Lazy]:
-        return {k: sf.Lazy(tuple(v.shape), dtype, functools.partial(random, tuple(v.shape))) for k, v in state.items()}
+    def lazy(state: dict) -> dict[str, Lazy]:
+        return {k: Lazy(tuple(v.shape), dtype, functools.partial(random, tuple(v.shape))) for k, v in state.items()}
 
-    tensors = sf.to_ldm(sf.unet_plan(unet_config, unet), lazy(unet))
-    tensors |= sf.to_ldm(sf.vae_plan(vae_config, vae), lazy(vae))
-    tensors |= sf.to_ldm(sf.clip_plan(names), lazy(text_state))
+    tensors = keys.to_ldm(keys.unet_plan(unet_config, unet), lazy(unet))
+    tensors |= keys.to_ldm(keys.vae_plan(vae_config, vae), lazy(vae))
+    tensors |= keys.to_ldm(keys.clip_plan(names), lazy(text_state))
     betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
     for name, value in (("betas", betas), ("alphas_cumprod", torch.cumprod(1 - betas, 0))):
-        tensors[name] = sf.Lazy((1000,), torch.float32, lambda _=None, v=value: v.float())
-    sf.write_safetensors(path, tensors, metadata={"format": "pt"})
+        tensors[name] = Lazy((1000,), torch.float32, lambda _=None, v=value: v.float())
+    write_safetensors(path, tensors, metadata={"format": "pt"})
     return path.stat().st_size
 
 
+# -- one load, in a fresh process --------------------------------------------------------------------------------------
+
+
 def child(which: str, file: str, config: str, dtype_name: str) -> dict:
-    """One load in this (fresh) process: seconds, peak resident bytes added, bytes of the networks built."""
+    """One load in this (fresh) process: seconds, peak resident bytes added, bytes and dtypes of the networks."""
     dtype = DTYPES[dtype_name]
     import transformers  # both load CLIPTextModel: its import is not part of either load
 
@@ -113,29 +127,30 @@ def child(which: str, file: str, config: str, dtype_name: str) -> dict:
     else:
         from unnoise.pipeline.loading import load_single_file
     before = _rss()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     if which == "diffusers":
         pipe = diffusers.StableDiffusionPipeline.from_single_file(
             file, config=config, local_files_only=True, torch_dtype=dtype
         )
         nets = (pipe.unet, pipe.vae, pipe.text_encoder)
     else:
-        parts = load_single_file(file, config=config if "tiny" in config else None, dtype=dtype)
-        nets = (parts.unet, parts.vae, parts.text_encoder)
-    seconds = time.perf_counter() - start
+        parts = load_single_file(file, config=config, dtype=dtype)
+        nets = (parts.unet, parts.vae, parts.text_encoder.model)
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     peak = _peak() - before
     tensors = [t for net in nets for t in (*net.parameters(), *net.buffers())]
     with torch.no_grad():  # what a first generation does to memory-mapped weights: every page read (one value each)
         for t in tensors:
             t.reshape(-1)[:: max(1, resource.getpagesize() // t.element_size())].sum()
     ready = time.perf_counter() - start
+    dtypes = "/".join(str(next(net.parameters()).dtype).removeprefix("torch.") for net in nets)
     model = sum(t.numel() * t.element_size() for t in tensors)
-    return {"seconds": seconds, "peak_bytes": peak, "ready_seconds": ready, "ready_peak_bytes": _peak() - before,
-            "model_bytes": model}  # fmt: skip
+    return {"seconds": seconds, "cpu_seconds": cpu, "peak_bytes": peak, "ready_seconds": ready,
+            "ready_peak_bytes": _peak() - before, "model_bytes": model, "dtypes": dtypes}  # fmt: skip
 
 
 def _peak() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def _rss() -> int:
@@ -153,61 +168,112 @@ def run(which: str, file: Path, config: Path, dtype: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def main(argv: list[str] | None = None) -> dict:
+# -- the cases ---------------------------------------------------------------------------------------------------------
+
+
+def measure(dtype: str, force_upcast: bool, runs: int, tiny: bool, tmp: Path) -> dict:
+    """Both loaders on one file and config folder: the median of ``runs`` alternating fresh-process loads each."""
+    config = tmp / f"config-{'upcast' if force_upcast else 'file-dtype'}"
+    if not config.exists():
+        write_config_folder(config, tiny, force_upcast=force_upcast)
+    file = tmp / f"sd15-{dtype}.safetensors"
+    size = file.stat().st_size if file.exists() else write_random_file(file, DTYPES[dtype], tiny)
+    with open(file, "rb") as f:  # the page cache warm for both
+        while f.read(1 << 24):
+            pass
+    for which in LOADERS:  # warm imports (bytecode, shared libraries), not timed
+        run(which, file, config, dtype)
+    results: dict[str, list[dict]] = {which: [] for which in LOADERS}
+    for _ in range(runs):
+        for which in LOADERS:
+            results[which].append(run(which, file, config, dtype))
+    case = {"dtype": dtype, "force_upcast": force_upcast, "file_bytes": size, "runs": runs}
+    for which, rows in results.items():
+        case[which] = {k: statistics.median(r[k] for r in rows) for k in rows[0] if k != "dtypes"}
+        case[which]["dtypes"] = rows[0]["dtypes"]
+        case[which]["seconds_range"] = (min(r["seconds"] for r in rows), max(r["seconds"] for r in rows))
+    case["ratio"] = case["ours"]["seconds"] / case["diffusers"]["seconds"]
+    case["ratios"] = sorted(o["seconds"] / d["seconds"] for o, d in zip(results["ours"], results["diffusers"]))
+    return case
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp16")
-    p.add_argument("--runs", type=int, default=2)
-    p.add_argument("--tiny", action="store_true")
-    p.add_argument("--child", choices=["ours", "diffusers"])
-    p.add_argument("--file")
-    p.add_argument("--config")
+    p.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=list(DTYPES), help="file dtypes")
+    p.add_argument("--runs", type=int, default=5, help="alternating fresh-process loads per loader and case")
+    p.add_argument("--tiny", action="store_true", help="a tiny model (to check that the script runs)")
+    p.add_argument("--report", type=Path, help="write the markdown report here (else print it)")
+    p.add_argument("--child", choices=LOADERS, help=argparse.SUPPRESS)
+    p.add_argument("--file", help=argparse.SUPPRESS)
+    p.add_argument("--config", help=argparse.SUPPRESS)
+    p.add_argument("--dtype", choices=sorted(DTYPES), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         print(json.dumps(child(args.child, args.file, args.config, args.dtype)))
-        return {}
+        return []
+    cases = []
     with tempfile.TemporaryDirectory() as tmp:
-        config = Path(tmp) / ("tiny-config" if args.tiny else "config")
-        write_config_folder(config, args.tiny)
-        file = Path(tmp) / "sd15.safetensors"
-        size = write_random_file(file, DTYPES[args.dtype], args.tiny)
-        results: dict[str, list[dict]] = {"ours": [], "diffusers": []}
-        for _ in range(args.runs):
-            for which in results:
-                results[which].append(run(which, file, config, args.dtype))
-        shutil.rmtree(config)
-    summary = {"file_bytes": size, "dtype": args.dtype, "machine": machine()}
-    for which, runs in results.items():
-        best = min(runs, key=lambda r: r["seconds"])
-        summary[which] = {key: min(r[key] for r in runs) for key in ("seconds", "ready_seconds")}
-        summary[which] |= {key: max(r[key] for r in runs) for key in ("peak_bytes", "ready_peak_bytes")}
-        summary[which]["model_bytes"] = best["model_bytes"]
-    for key in ("seconds", "ready_seconds"):
-        summary[f"{key}_ratio"] = summary["ours"][key] / summary["diffusers"][key]
-    print(report(summary))
-    return summary
+        for dtype in args.dtypes:
+            for force_upcast in (True, False) if dtype != "fp32" else (True,):
+                cases.append(measure(dtype, force_upcast, args.runs, args.tiny, Path(tmp)))
+            (Path(tmp) / f"sd15-{dtype}.safetensors").unlink()
+    command = "python benchmarks/loading.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    text = report(cases, command.strip(), args.tiny)
+    if args.report:
+        args.report.parent.mkdir(parents=True, exist_ok=True)
+        args.report.write_text(text)
+    else:
+        print(text)
+    return cases
 
 
-def report(s: dict) -> str:
+def report(cases: list[dict], command: str, tiny: bool) -> str:
+    import diffusers
+    import safetensors
+    import transformers
+
     gib = 2**30
-
-    def row(who: str) -> str:
-        r = s[who]
-        return (
-            f"| {who} | {r['seconds']:.2f} | {r['peak_bytes'] / gib:.2f} | {r['ready_seconds']:.2f} | "
-            f"{r['ready_peak_bytes'] / gib:.2f} | {r['model_bytes'] / gib:.2f} | "
-            f"{r['ready_peak_bytes'] / r['model_bytes']:.2f} |"
-        )
-
-    return "\n".join([
-        f"Single-file load, SD-1.5 shapes, {s['dtype']} file of {s['file_bytes'] / gib:.2f} GiB; {s['machine']}",
+    versions = f"diffusers {diffusers.__version__}, transformers {transformers.__version__}, safetensors "
+    versions += f"{safetensors.__version__}, Python {sys.version.split()[0]}"
+    shape = "a tiny SD-1.5-like model" if tiny else "SD 1.5's shapes, random weights"
+    lines = [
+        "# Loading a single file: ours against diffusers' `from_single_file` (CPU)",
         "",
-        "| loader | load s | peak added GiB | load + every weight read s | peak added GiB | model GiB | peak / model |",
-        "|---|---|---|---|---|---|---|",
-        row("ours"),
-        row("diffusers"),
+        f"Produced by `{command}` (method in the script's docstring), {time.strftime('%Y-%m-%d', time.gmtime())}.",
+        f"Machine: {machine()}; {versions}.",
         "",
-        f"time ours / diffusers: load {s['seconds_ratio']:.2f}, and every weight read {s['ready_seconds_ratio']:.2f}",
-    ])  # fmt: skip
+        f"The file: {shape}, in the original single-file layout. Each figure is the median of {cases[0]['runs']} "
+        "fresh-process loads per loader, the two loaders alternating, page cache warm. Load s: the load call; read "
+        "s: the load and a read of every weight page; peak: the resident-set high-water mark after that read minus "
+        "the resident set before the call; model: the loaded networks' bytes. dtypes: U-Net / VAE / text encoder.",
+        "",
+        "| file | VAE | loader | dtypes | load s (range) | load CPU s | read s | peak GiB | model GiB | peak / model "
+        "| load time ours / diffusers (range) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in cases:
+        vae = "force_upcast" if c["force_upcast"] else "file dtype"
+        for which in LOADERS:
+            r = c[which]
+            low, high = r["seconds_range"]
+            ratio = f"{c['ratio']:.2f} ({c['ratios'][0]:.2f}-{c['ratios'][-1]:.2f})" if which == "ours" else ""
+            lines.append(
+                f"| {c['dtype']}, {c['file_bytes'] / gib:.2f} GiB | {vae} | {which} | {r['dtypes']} | "
+                f"{r['seconds']:.3f} ({low:.3f}-{high:.3f}) | {r['cpu_seconds']:.3f} | {r['ready_seconds']:.3f} | "
+                f"{r['ready_peak_bytes'] / gib:.2f} | {r['model_bytes'] / gib:.2f} | "
+                f"{r['ready_peak_bytes'] / r['model_bytes']:.2f} | {ratio} |"
+            )
+    goal = f"Goal (issue 17): load time <= {GOAL_TIME}x diffusers', peak <= {GOAL_MEMORY}x the model's bytes."
+    lines += ["", goal, ""]
+    for c in cases:
+        vae = "VAE force_upcast" if c["force_upcast"] else "VAE in the file's dtype"
+        memory = c["ours"]["ready_peak_bytes"] / c["ours"]["model_bytes"]
+        verdict = [
+            f"time {c['ratio']:.2f}x ({'met' if c['ratio'] <= GOAL_TIME else 'not met'})",
+            f"memory {memory:.2f}x ({'met' if memory <= GOAL_MEMORY else 'not met'})",
+        ]
+        lines.append(f"- {c['dtype']} file, {vae}: {', '.join(verdict)}.")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

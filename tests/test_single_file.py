@@ -29,7 +29,9 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from unnoise import Pipeline
 from unnoise.cli_convert import add_parser
 from unnoise.models import single_file as sf
-from unnoise.pipeline.loading import convert, load_components, load_single_file
+from unnoise.models.tensor_files import Checkpoint
+from unnoise.pipeline.convert import convert
+from unnoise.pipeline.loading import load_components, load_single_file
 
 PROMPT, NEGATIVE = "a red cat", "blue dog"
 OPENCLIP_LAYERS = 24  # the file's; SD 2.x's text encoder uses the first 23 (the penultimate layer's output)
@@ -373,7 +375,7 @@ def test_round_trips_are_bit_exact(cases, case, tmp_path):
 def test_pipeline_json_to_a_diffusers_scheduler_translates_back(scheduler):
     """unnoise -> diffusers writes a scheduler config that ``translate_scheduler`` reads as the same pipeline.json."""
     from unnoise.pipeline import PipelineConfig, translate_scheduler
-    from unnoise.pipeline.loading import diffusers_scheduler_config
+    from unnoise.pipeline.convert import diffusers_scheduler_config
 
     schedule, prediction, sampling = translate_scheduler(scheduler)
     config = PipelineConfig(prediction=prediction, schedule=schedule, sampling=sampling)
@@ -381,14 +383,14 @@ def test_pipeline_json_to_a_diffusers_scheduler_translates_back(scheduler):
 
 
 def half_loaded_as_bf16(path, folder, tmp_path):
-    """``path`` converted to a float16 single file, loaded in bfloat16: the VAE (force_upcast, as Pipeline.to) and
-    the text encoders stay float32."""
+    """``path`` converted to a float16 single file, loaded in bfloat16: the U-Net and the text encoders in bfloat16
+    (as diffusers' torch_dtype), the VAE float32 (force_upcast, as Pipeline.to)."""
     half = tmp_path / "half.safetensors"
     convert(path, half, to="single-file", dtype=torch.float16, config=folder)
     assert {v.dtype for v in load_file(half).values()} == {torch.float16}
     parts = load_single_file(half, config=folder, dtype=torch.bfloat16)
     assert parts.unet.dtype == torch.bfloat16 and parts.vae.dtype == torch.float32
-    assert parts.text_encoder.dtype == torch.float32
+    assert parts.text_encoder.dtype == torch.bfloat16
     return parts
 
 
@@ -397,6 +399,10 @@ def test_dtype_conversion_and_loading(cases, tmp_path):
     parts = half_loaded_as_bf16(path, folder, tmp_path)
     reference = load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")["conv_in.weight"]
     assert torch.equal(parts.unet.conv_in.weight, reference.half().bfloat16())
+    tokens = load_file(folder / "text_encoder" / "model.safetensors")["embeddings.token_embedding.weight"]
+    assert torch.equal(parts.text_encoder.model.get_input_embeddings().weight, tokens.half().bfloat16())
+    pipe = Pipeline(parts.unet, parts.vae, parts.text_encoder, parts.config)  # bfloat16 states into the U-Net
+    assert pipe(PROMPT, steps=2, seed=0, height=SIZE, width=SIZE)[0].size == (SIZE, SIZE)
 
 
 # -- 3. what the file is: family, prediction type, EMA ----------------------------------------------------------------
@@ -414,17 +420,17 @@ def test_prediction_rule(cases, tmp_path):
     key = max(k for k in load_file(path) if k.endswith("transformer_blocks.0.norm1.bias") and "output" in k)
     assert key == "model.diffusion_model.output_blocks.3.1.transformer_blocks.0.norm1.bias"
     base = variant(path, tmp_path, "base.safetensors", add={key: torch.linspace(-0.03, 0.03, 32)})
-    with sf.Checkpoint(path) as ckpt:
+    with Checkpoint(path) as ckpt:
         assert sf.detect_prediction(ckpt, sf.FAMILIES["sd2"])[0] == "v_prediction"
-    with sf.Checkpoint(base) as ckpt:
+    with Checkpoint(base) as ckpt:
         prediction, why = sf.detect_prediction(ckpt, sf.FAMILIES["sd2"])
         assert prediction == "epsilon" and "<= 0.09" in why
     marked = variant(base, tmp_path, "marked.safetensors", add={"v_pred": torch.tensor([])})
     tagged = variant(path, tmp_path, "tagged.safetensors", metadata={"modelspec.prediction_type": "epsilon"})
-    with sf.Checkpoint(marked) as a, sf.Checkpoint(tagged) as b:
+    with Checkpoint(marked) as a, Checkpoint(tagged) as b:
         assert sf.detect_prediction(a, sf.FAMILIES["sd2"])[0] == "v_prediction"
         assert sf.detect_prediction(b, sf.FAMILIES["sd2"])[0] == "epsilon"
-    with sf.Checkpoint(cases["sd1"][1]) as ckpt:
+    with Checkpoint(cases["sd1"][1]) as ckpt:
         assert sf.detect_prediction(ckpt, sf.FAMILIES["sd1"]) == (
             "epsilon",
             "Stable Diffusion 1.x is epsilon-prediction",
@@ -435,7 +441,7 @@ def test_prediction_rule(cases, tmp_path):
     assert (parts.config.prediction, parts.single_file.prediction_source) == ("epsilon", "the prediction argument")
     step = tmp_path / "step.ckpt"
     torch.save({"state_dict": load_file(path), "global_step": 875000}, step)
-    with sf.Checkpoint(step, allow_pickle=True) as ckpt:
+    with Checkpoint(step, allow_pickle=True) as ckpt:
         assert sf.detect_prediction(ckpt, sf.FAMILIES["sd2"])[0] == "epsilon"  # diffusers: SD 2.0 512-base
 
 
@@ -443,14 +449,37 @@ def test_shipped_family_configs_build_full_size_networks(cases):
     """Without config=, the networks are the real SD 1.5 / 2.1 shapes; the tiny files then name their mismatch."""
     with pytest.raises(ValueError, match=r"sd1\.safetensors: .*missing keys: .*families/sd1"):
         Pipeline.from_pretrained(cases["sd1"][1])  # a file: load_single_file with the shipped configs
-    from unnoise.pipeline.loading import _networks, _read_configs
+    from unnoise.pipeline.layouts import networks, read_configs
 
     for family, (channels, heads) in {"sd1": (768, 8), "sd2": (1024, 5)}.items():
-        configs = _read_configs([sf.FAMILY_CONFIGS / family], ("text_encoder",))
-        nets = _networks(configs)
+        configs = read_configs([sf.FAMILY_CONFIGS / family], ("text_encoder",))
+        nets = networks(configs)
         assert nets["text_encoder"].config.hidden_size == channels and configs.unet.attention_shape(0)[0] == heads
         assert sum(p.numel() for p in nets["unet"].parameters()) in (859520964, 865910724)  # SD 1.5, SD 2.1 U-Nets
         assert sum(p.numel() for p in nets["vae"].parameters()) == 83653863
+
+
+def test_meta_networks_skip_initialisers_and_restore_them():
+    """Building on the meta device runs no initialiser, yet a module with real tensors built meanwhile (another
+    thread's, say) is initialised, and afterwards every initialiser is back."""
+    from transformers import PreTrainedModel
+
+    from unnoise.models.tensor_files import meta_network
+
+    originals = torch.nn.Linear.reset_parameters, torch.nn.Conv2d.__dict__.get("reset_parameters")
+    calls = []
+    initialise = PreTrainedModel.init_weights
+
+    def build():
+        real = torch.nn.Linear(16, 16, device="cpu")  # inside the meta device mode, on the CPU: initialised
+        calls.append(real.weight.detach().clone())
+        return torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Conv2d(3, 3, 3))
+
+    net = meta_network(build)
+    assert all(p.is_meta for p in net.parameters())
+    assert 0 < calls[0].abs().max() <= 0.25 and calls[0].std() > 0.05  # kaiming-uniform in +-1/sqrt(16)
+    assert (torch.nn.Linear.reset_parameters, torch.nn.Conv2d.__dict__.get("reset_parameters")) == originals
+    assert PreTrainedModel.init_weights is initialise
 
 
 def test_ema_weights_load_when_asked(cases, tmp_path, caplog):
@@ -598,9 +627,14 @@ def test_shipped_tokenizer_matches_openai_clip(tmp_path):
 
 
 @pytest.mark.slow
-def test_loading_benchmark_runs_on_a_tiny_model():
+def test_loading_benchmark_runs_on_a_tiny_model(tmp_path):
     from benchmarks import loading
 
-    result = loading.main(["--tiny", "--runs", "1"])
-    for who in ("ours", "diffusers"):
-        assert result[who]["seconds"] > 0 and result[who]["model_bytes"] > 0
+    report = tmp_path / "loading.md"
+    upcast, same = loading.main(["--tiny", "--runs", "1", "--dtypes", "fp16", "--report", str(report)])
+    assert upcast["ours"]["dtypes"] == "float16/float32/float16"  # the VAE upcast at loading (force_upcast)
+    assert same["ours"]["dtypes"] == same["diffusers"]["dtypes"] == "float16/float16/float16"
+    for case in (upcast, same):
+        assert case["ours"]["seconds"] > 0 and case["diffusers"]["model_bytes"] > 0
+    text = report.read_text()
+    assert text.count("| fp16, ") == 4 and "benchmarks/loading.py --tiny --runs 1 --dtypes fp16 --report" in text

@@ -324,4 +324,4 @@ def test_dtype_and_convert_to_fp16(models, tmp_path):
     _, folder, path = models["base"]
     parts = half_loaded_as_bf16(path, folder, tmp_path)
     projection = load_file(folder / "text_encoder_2" / "model.safetensors")["text_projection.weight"]
-    assert torch.equal(parts.text_encoder.second.model.text_projection.weight, projection.half().float())
+    assert torch.equal(parts.text_encoder.second.model.text_projection.weight, projection.half().bfloat16())

@@ -1,6 +1,6 @@
 """``unnoise convert SRC DST --to diffusers|single-file|unnoise``: a subcommand for ``unnoise.cli`` (``add_parser``).
 
-A thin layer over ``unnoise.pipeline.loading.convert``; errors are one line ``unnoise convert: error: ...``, exit
+A thin layer over ``unnoise.pipeline.convert.convert``; errors are one line ``unnoise convert: error: ...``, exit
 status 2, as the other commands print them.
 """
 
@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from unnoise.core.denoisers import PREDICTIONS
-from unnoise.pipeline.loading import LAYOUTS, convert
+from unnoise.pipeline.convert import LAYOUTS, convert
 from unnoise.usage import user_errors
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -7,7 +7,11 @@ transformer blocks (unless ``num_attention_heads`` is set); in ``UNet2DModel`` i
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from unnoise.models.unet import UNetConfig
 
 _COMMON_DEFAULTS: dict[str, Any] = {
     "sample_size": None,
@@ -107,6 +111,16 @@ _COPIED = (
     "dropout",
     "time_embedding_dim",
 )
+# UNet2DConditionModel keys ``_conditional_fields`` takes as they are.
+_CONDITIONAL = (
+    "mid_block_type",
+    "use_linear_projection",
+    "transformer_layers_per_block",
+    "reverse_transformer_layers_per_block",
+    "addition_embed_type",
+    "addition_time_embed_dim",
+    "projection_class_embeddings_input_dim",
+)
 
 
 def unet_config_fields(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -163,16 +177,26 @@ def _conditional_fields(cfg: dict[str, Any]) -> dict[str, Any]:
         )
     cross = any("CrossAttn" in b for b in blocks) or cfg["mid_block_type"] is not None
     return {
-        "mid_block_type": cfg["mid_block_type"],
+        **{k: cfg[k] for k in _CONDITIONAL},
         "num_attention_heads": cfg["num_attention_heads"] or cfg["attention_head_dim"],
         "cross_attention_dim": _one_value("cross_attention_dim", cfg["cross_attention_dim"]) if cross else None,
-        "use_linear_projection": cfg["use_linear_projection"],
-        "transformer_layers_per_block": cfg["transformer_layers_per_block"],
-        "reverse_transformer_layers_per_block": cfg["reverse_transformer_layers_per_block"],
-        "addition_embed_type": cfg["addition_embed_type"],
-        "addition_time_embed_dim": cfg["addition_time_embed_dim"],
-        "projection_class_embeddings_input_dim": cfg["projection_class_embeddings_input_dim"],
     }
+
+
+def conditional_config(c: UNetConfig) -> dict[str, Any]:
+    """diffusers' ``UNet2DConditionModel`` config.json for ``c``, which ``unet_config_fields`` reads back as ``c``:
+    the copied keys as they are, the head counts as ``attention_head_dim`` (diffusers' name for them)."""
+    down, mid, up = c.block_kinds()
+    if "self" in (*down, mid, *up) or c.num_class_embeds:
+        raise ValueError(
+            "UNet2DConditionModel config: self-attention blocks and class embeddings are UNet2DModel's; this U-Net "
+            "has them"
+        )
+    heads = [c.attention_shape(level)[0] for level in range(len(c.block_out_channels))]
+    config = {"_class_name": "UNet2DConditionModel", "act_fn": "silu"}
+    config |= {k: getattr(c, k) for k in (*_COPIED, *_CONDITIONAL, "cross_attention_dim")}
+    config["attention_head_dim"] = heads[0] if len(set(heads)) == 1 else heads
+    return json.loads(json.dumps(config))  # tuples as lists
 
 
 def _one_value(key: str, value: Any) -> Any:
