@@ -63,7 +63,7 @@ def _load_ours(folder: Path) -> Components:
     else:
         text_encoder = _clip(folder / "text_encoder", folder / "tokenizer", clip_skip=te.clip_skip)
     unet, vae = load_model(folder / "unet"), load_model(folder / "vae")
-    return Components(unet, vae, text_encoder, config, folder / "unet" / "model.safetensors")
+    return Components(unet, vae, text_encoder, config, model_weights_file(folder))
 
 
 # The components a diffusers Stable Diffusion folder lists in model_index.json, each as [library, class].
@@ -121,9 +121,17 @@ def _load_diffusers(folder: Path) -> Components:
     else:
         text_encoder = _clip(folder / "text_encoder", folder / "tokenizer")
     unet, vae = load_diffusers(folder / "unet"), load_diffusers(folder / "vae")
-    names = (*DIFFUSERS_WEIGHTS, "diffusion_pytorch_model.bin")
-    weights = next((folder / "unet" / n for n in names if (folder / "unet" / n).is_file()), None)
-    return Components(unet, vae, text_encoder, config, weights)
+    return Components(unet, vae, text_encoder, config, model_weights_file(folder))
+
+
+def model_weights_file(path: Path) -> Path | None:
+    """The file whose sha256 names a model (``Pipeline.model_hash``, AUTOMATIC1111's checkpoint hash): a single file
+    itself, else the U-Net weights of our folder layout or of diffusers'; None if there is none."""
+    if path.is_file():
+        return path
+    ours = (path / "pipeline.json").is_file()
+    names = ("model.safetensors",) if ours else (*DIFFUSERS_WEIGHTS, "diffusion_pytorch_model.bin")
+    return next((path / "unet" / n for n in names if (path / "unet" / n).is_file()), None)
 
 
 def force_zeros(index: dict[str, Any], sdxl: bool) -> bool:

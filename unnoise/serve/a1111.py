@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from unnoise.core.samplers import SAMPLERS
 from unnoise.core.schedules import SPACINGS
 from unnoise.files import file_sha256
+from unnoise.pipeline.folders import model_weights_file
 from unnoise.pipeline.hires import A1111_UPSCALERS, UPSCALERS, Hires
 from unnoise.pipeline.images import INPAINTING_FILLS, RESIZE_MODES
 from unnoise.pipeline.inputs import SEED_LIMIT
@@ -403,24 +404,13 @@ class Checkpoint:
                 "filename": str(self.path), "config": None}  # fmt: skip
 
 
-def weights_file(path: Path) -> Path | None:
-    """The file whose sha256 names a model (as ``Pipeline.model_hash`` hashes it): a single file itself, else the
-    U-Net weights of our or diffusers' folder layout."""
-    if path.is_file():
-        return path
-    names = ["model.safetensors"] if (path / "pipeline.json").is_file() else [
-        "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
-        "diffusion_pytorch_model.bin"]  # fmt: skip
-    return next((path / "unet" / n for n in names if (path / "unet" / n).is_file()), None)
-
-
 @functools.lru_cache(maxsize=1024)
 def _sha256(path: str, mtime_ns: int, size: int) -> str:
     return file_sha256(path)
 
 
 def _checkpoint(name: str, path: Path) -> Checkpoint:
-    weights = weights_file(path)
+    weights = model_weights_file(path)
     digest = None
     if weights is not None:
         stat = weights.stat()
