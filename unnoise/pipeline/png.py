@@ -202,7 +202,7 @@ def parse_parameters(text: str) -> dict[str, Any]:
     """
     prompt, negative, pairs = split_parameters(text)
     text_prompt, loras = extract_loras(prompt)
-    text_prompt = text_prompt.strip()  # the space before a trailing tag (tokenizers drop such spaces anyway)
+    text_prompt = "\n".join(line.strip() for line in text_prompt.split("\n"))  # lines stripped, as split_parameters
     result: dict[str, Any] = {"prompt": text_prompt, "negative_prompt": negative}
     if loras:
         result["loras"] = loras
