@@ -472,6 +472,26 @@ def test_cli_plain_prompts_flag(sd, pipe, tmp_path, capsys):
     assert not np.array_equal(outputs[0], outputs[1])
 
 
+def test_a_plain_prompt_is_recorded_and_replayed_as_plain_text(sd, pipe, tmp_path, capsys):
+    """With the language off, the PNG parameters say so, and --from-png keeps brackets and tags as text."""
+    prompt = "(ab:1.5) <lora:ink:0.5>"
+    argv = ["generate", prompt, "--model", sd["folder"], "-o", tmp_path, "--device", "cpu", "--no-safety"]
+    status, out, err = run_cli(cli.main, capsys, *argv, "--steps", 1, "--seed", 4, "--plain-prompts")
+    assert status == 0, err
+    [first] = out.split()
+    params = read_png_parameters(first)
+    assert (params["prompt"], params["prompt_syntax"], "loras" not in params) == (prompt, False, True)
+    assert "Prompt syntax: off" in Image.open(first).info["parameters"]
+    expected = pixels(pipe(prompt, steps=1, seed=4, prompt_syntax=False)[0])
+    assert np.array_equal(pixels(Image.open(first)), expected)
+    replay = ["generate", "--model", sd["folder"], "-o", tmp_path / "again", "--device", "cpu", "--no-safety"]
+    status, out, err = run_cli(cli.main, capsys, *replay, "--from-png", first)
+    assert status == 0, err
+    assert np.array_equal(pixels(Image.open(out.split()[0])), expected)
+    on = pipe("(ab:1.5)", steps=1, seed=4)[0].info["parameters"]
+    assert "Prompt syntax" not in on  # on is the default: not written
+
+
 @pytest.mark.parametrize(
     ("settings", "match"),
     [

@@ -838,6 +838,7 @@ class Pipeline:
             guidance_interval=req.guidance_interval,
             cache_interval=req.cache_interval if req.cache_interval != 1 else None,
             cache_range=req.cache_range,
+            prompt_syntax=False if not req.prompt_syntax else None,  # written when off: prompts are plain text
             spacing=req.spacing,
             batch_size=req.num_images if req.num_images > 1 else None,
             batch_pos=i if req.num_images > 1 else None,

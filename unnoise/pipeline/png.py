@@ -43,6 +43,7 @@ _FIELDS: list[tuple[str, str, Any]] = [
     ("guidance_rescale", "Guidance rescale", float),
     ("guidance_interval", "Guidance interval", lambda v: tuple(json.loads(v))),
     ("cache_interval", "Cache interval", int),
+    ("prompt_syntax", "Prompt syntax", lambda v: _lookup(_ON_OFF, v)),
     ("cache_range", "Cache range", lambda v: tuple(json.loads(v))),
     ("spacing", "Spacing", str),
     ("batch_size", "Batch size", int),
@@ -73,6 +74,7 @@ _MASKED_CONTENT = {"fill": "fill", "original": "original", "latent_noise": "late
                    "latent_nothing": "latent nothing"}  # fmt: skip
 _INPAINT_AREAS = {False: "Whole picture", True: "Only masked"}
 _YES_NO = {True: "yes", False: "no"}
+_ON_OFF = {True: "on", False: "off"}
 _PAIRS = (
     "guidance_interval",
     "cache_range",
@@ -85,7 +87,7 @@ CALL_KEYS = ("prompt", "negative_prompt", "steps", "sampler", "guidance_scale", 
 CALL_KEYS += ("guidance_rescale", "guidance_interval", "strength", "loras", "original_size", "crops_coords_top_left")
 CALL_KEYS += ("target_size", "aesthetic_score", "negative_aesthetic_score", "resize_mode", "mask_blur", "mask_invert")
 CALL_KEYS += ("inpainting_fill", "inpaint_full_res", "inpaint_full_res_padding", "paste_back", "cache_interval")
-CALL_KEYS += ("cache_range",)
+CALL_KEYS += ("cache_range", "prompt_syntax")
 HIRES_KEYS = ("hires_scale", "hires_resize", "hires_steps", "hires_upscaler")  # parsed keys that make ``hires``
 _SAMPLERS_BACK = {v: k for k, v in A1111_SAMPLERS.items()}
 _BY_LABEL = {label: (key, parse) for key, label, parse in _FIELDS}
@@ -146,6 +148,7 @@ def format_parameters(params: dict[str, Any]) -> str:
         if values.get(key) is not None:
             values[key] = json.dumps([int(v) for v in values[key]])
     for key, table in (("resize_mode", _RESIZE_MODES), ("mask_invert", _MASK_MODES), ("paste_back", _YES_NO),
+                       ("prompt_syntax", _ON_OFF),
                        ("inpainting_fill", _MASKED_CONTENT), ("inpaint_full_res", _INPAINT_AREAS)):  # fmt: skip
         if values.get(key) is not None:
             values[key] = table[values[key]]
@@ -201,11 +204,7 @@ def parse_parameters(text: str) -> dict[str, Any]:
     do not know are kept, as text, in ``extra``.
     """
     prompt, negative, pairs = split_parameters(text)
-    text_prompt, loras = extract_loras(prompt)
-    text_prompt = "\n".join(line.strip() for line in text_prompt.split("\n"))  # lines stripped, as split_parameters
-    result: dict[str, Any] = {"prompt": text_prompt, "negative_prompt": negative}
-    if loras:
-        result["loras"] = loras
+    result: dict[str, Any] = {"prompt": prompt, "negative_prompt": negative}
     extra: dict[str, str] = {}
     for label, value in pairs:
         if label not in _BY_LABEL:
@@ -216,6 +215,11 @@ def parse_parameters(text: str) -> dict[str, Any]:
             result[key] = parse(value)
         except (ValueError, TypeError) as error:
             raise ValueError(f"parameters field {label!r} has value {value!r}, which does not parse: {error}") from None
+    if result.get("prompt_syntax", True):  # the prompt language's LoRA tags; with it off they are plain text
+        text_prompt, loras = extract_loras(prompt)
+        result["prompt"] = "\n".join(line.strip() for line in text_prompt.split("\n"))  # as split_parameters
+        if loras:
+            result["loras"] = loras
     _settle_size_and_spacing(result)
     result["extra"] = extra
     return result

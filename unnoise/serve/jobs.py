@@ -9,9 +9,9 @@ from typing import Any
 
 from PIL import Image, PngImagePlugin
 
+from unnoise.serve.store import FINAL
 from unnoise.serve.validation import GenerationSpec
 
-FINAL = ("succeeded", "failed", "cancelled")
 # listener(event, data): "status" {status}, "progress" {step, total, sigma}, "done" {the job record}
 Listener = Callable[[str, dict[str, Any]], None]
 
