@@ -89,3 +89,13 @@ def run_cli(main, capsys, *argv) -> tuple[int, str, str]:
         status = exit.code
     out, err = capsys.readouterr()
     return status, out, err
+
+
+def decoded_latents(pipe, monkeypatch, prompt: str, **kwargs) -> torch.Tensor:
+    """The latents ``pipe(prompt, **kwargs)`` decodes (its first ``decode`` call)."""
+    seen = []
+    decode = pipe.decode
+    monkeypatch.setattr(pipe, "decode", lambda x: seen.append(x) or decode(x))
+    pipe(prompt, **kwargs)
+    monkeypatch.undo()
+    return seen[0]

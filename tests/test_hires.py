@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import randomize, run_cli
+from helpers import decoded_latents, randomize, run_cli
 from PIL import Image
 
 from unnoise import cli
@@ -26,12 +26,7 @@ def pipe():
 
 def first_pass_latents(pipe, monkeypatch, **kwargs) -> torch.Tensor:
     """The latents a text-to-image call decodes."""
-    seen = []
-    decode = pipe.decode
-    monkeypatch.setattr(pipe, "decode", lambda x: seen.append(x) or decode(x))
-    pipe(PROMPT, **kwargs)
-    monkeypatch.undo()
-    return seen[0]
+    return decoded_latents(pipe, monkeypatch, PROMPT, **kwargs)
 
 
 def img2img_from_latents(pipe, monkeypatch, latents: torch.Tensor, **kwargs) -> list[Image.Image]:

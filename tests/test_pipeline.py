@@ -9,7 +9,15 @@ import diffusers
 import numpy as np
 import pytest
 import torch
-from helpers import SD_SCHEDULE, SD_SCHEDULER, SIZE, randomize, tiny_components, tiny_tokenizer  # noqa: F401
+from helpers import (  # noqa: F401
+    SD_SCHEDULE,
+    SD_SCHEDULER,
+    SIZE,
+    decoded_latents,
+    randomize,
+    tiny_components,
+    tiny_tokenizer,
+)
 from PIL import Image
 
 from unnoise import Pipeline
@@ -184,12 +192,7 @@ def input_image(seed: int = 3) -> Image.Image:
 
 def final_latents(pipe, monkeypatch, **kwargs) -> torch.Tensor:
     """The latents a call decodes."""
-    seen = []
-    decode = pipe.decode
-    monkeypatch.setattr(pipe, "decode", lambda x: seen.append(x) or decode(x))
-    pipe(PROMPT, **kwargs)
-    monkeypatch.undo()
-    return seen[0]
+    return decoded_latents(pipe, monkeypatch, PROMPT, **kwargs)
 
 
 def image_latents(pipe, image: Image.Image, seed: int) -> torch.Tensor:
