@@ -510,18 +510,14 @@ def test_request_errors_name_the_field(pipe, settings, match):
 @pytest.fixture(scope="module")
 def sdxl(tmp_path_factory):
     """A tiny SDXL base (two text towers, pooled embedding, time ids; zeros for an empty negative prompt)."""
-    tokenizer = tiny_components(tmp_path_factory.mktemp("xl_tokenizer"))["tokenizer"]
+    parts = tiny_components(tmp_path_factory.mktemp("xl_tokenizer"))  # its tokenizer and VAE
+    tokenizer, vae = parts["tokenizer"], parts["vae"]
     first, second = clip_model(tokenizer, 32, seed=4), clip_model(tokenizer, 48, projection=True, seed=5)
     unet = diffusers.UNet2DConditionModel(
         sample_size=8, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=80, attention_head_dim=4, addition_embed_type="text_time", addition_time_embed_dim=8,
         projection_class_embeddings_input_dim=24 + 6 * 8,
-    ).eval()  # fmt: skip
-    vae = diffusers.AutoencoderKL(
-        block_out_channels=(16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3, layers_per_block=1, norm_num_groups=8, latent_channels=4,
-        sample_size=SIZE,
     ).eval()  # fmt: skip
     xl = diffusers.StableDiffusionXLPipeline(
         vae=vae, text_encoder=first, tokenizer=tokenizer, text_encoder_2=second, tokenizer_2=tokenizer, unet=unet,
