@@ -24,7 +24,7 @@ from unnoise.pipeline import Pipeline, loading
 from unnoise.pipeline.png import read_png_parameters, save_png
 from unnoise.serve.config import ServeConfig
 from unnoise.serve.engine import Engine
-from unnoise.serve.store import JobStore
+from unnoise.serve.store import SqliteStore
 
 SIZE = 32  # the tiny model's latent factor is 8
 
@@ -351,7 +351,7 @@ def test_serve_reports_a_model_it_cannot_load_in_one_line(model, ours, tmp_path)
     """What can only be found by loading (in the background, while the server answers) /ready reports."""
     message = unloadable("corrupt-safetensors", model, ours, tmp_path / "model")
     config = ServeConfig(model=tmp_path / "model", db=tmp_path / "jobs.sqlite3", warmup=False, safety=False)
-    engine = Engine(config, JobStore(config.db))
+    engine = Engine(config, SqliteStore(config.db))
     engine.start()
     deadline = time.monotonic() + 60
     while engine.load_error is None and not engine.ready and time.monotonic() < deadline:

@@ -549,7 +549,7 @@ def test_request_timeout_gets_504(thread_server):
 
 
 def test_sigterm_drains_running_jobs_then_exits(tiny_model, tmp_path):
-    from unnoise.serve.store import JobStore
+    from unnoise.serve.store import SqliteStore
 
     port, db = free_port(), tmp_path / "jobs.sqlite3"
     process = start_process(["--model", str(tiny_model), "--db", str(db), "--max-steps", "1000", "--no-warmup"], port)
@@ -566,7 +566,7 @@ def test_sigterm_drains_running_jobs_then_exits(tiny_model, tmp_path):
         assert process.wait(60) == 0
     finally:
         stop_process(process)
-    store = JobStore(db)  # a restart: the finished job and its image are kept
+    store = SqliteStore(db)  # a restart: the finished job and its image are kept
     try:
         record = store.get(job["id"])
         assert record["status"] == "succeeded" and record["steps_done"] == 200

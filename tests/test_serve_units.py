@@ -2,7 +2,6 @@
 store across restarts, the metrics format, API keys, validation messages."""
 
 import copy
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +22,7 @@ from unnoise.models.packing import (
 from unnoise.serve.app import KeyCheck
 from unnoise.serve.config import ServeConfig
 from unnoise.serve.metrics import Counter, Histogram, ServerMetrics
-from unnoise.serve.store import JobStore
-from unnoise.serve.validation import FIELDS_NATIVE, ApiError, GenerationSpec, build_spec
+from unnoise.serve.validation import FIELDS_NATIVE, ApiError, build_spec
 from unnoise.serve.vram import VramPlanner, measured_activations, module_bytes
 
 MIB = 2**20
@@ -173,34 +171,6 @@ def test_pipeline_check_relabels_the_field(pipe, monkeypatch):
         build_spec(dict(prompt="x"), {**FIELDS_NATIVE, "n": "batch_size"}, ServeConfig(), pipe)
     assert error.value.status == 422 and error.value.param == "batch_size"
     assert error.value.message == "batch_size=1 is not allowed; some model-specific reason"
-
-
-# -- store ---------------------------------------------------------------------------------------------------------
-
-
-def test_store_keeps_finished_jobs_and_fails_lost_ones(tmp_path):
-    path = tmp_path / "jobs.sqlite3"
-    store = JobStore(path)
-    spec = GenerationSpec("x", None, 1, 32, 32, 4, "euler", "leading", 2.0, 1).to_dict()
-    for i, status in enumerate(("done", "running", "queued")):
-        store.insert(status, "jobs", spec, created=time.time() + i)
-    store.started("done", time.time(), 1)
-    store.finished("done", "succeeded", time.time(), 4, images=[(1, "x\nSteps: 4", b"\x89PNG")])
-    store.started("running", time.time(), 1)
-    store.close()  # the process dies with one job running and one queued
-
-    store = JobStore(path)
-    assert store.recovered == 2
-    assert store.get("done")["status"] == "succeeded" and store.image("done", 0) == b"\x89PNG"
-    for job_id in ("running", "queued"):
-        record = store.get(job_id)
-        assert record["status"] == "failed" and job_id in record["error"] and record["http_status"] == 500
-    page, total = store.page(limit=2, offset=0)
-    assert total == 3 and [r["id"] for r in page] == ["queued", "running"]
-    assert [r["id"] for r in store.page(limit=2, offset=2)[0]] == ["done"]
-    assert [r["id"] for r in store.page(10, 0, "succeeded")[0]] == ["done"]
-    assert store.get("missing") is None and store.image("done", 1) is None
-    store.close()
 
 
 # -- metrics, keys, config -------------------------------------------------------------------------------------------

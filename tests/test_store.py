@@ -16,7 +16,6 @@ from unnoise.pipeline.hires import Hires
 from unnoise.serve.store import (
     LOST,
     SCHEMA_VERSION,
-    JobStore,
     NewJob,
     QueueFull,
     SqliteStore,
@@ -368,6 +367,19 @@ def test_page_lists_jobs_newest_first(opener):
     assert store.page(10, 0, "queued") == (store.page(10, 0)[0][:3], 3)
 
 
+def test_find_and_ids_read_several_jobs(opener):
+    """What the server reads for several jobs at once: their records (the jobs it follows) and the ids of a status,
+    of one API or of one request group (AUTOMATIC1111's interrupt)."""
+    store = opener()
+    store.submit([job(0, group_id="g"), job(1, group_id="g"), job(2)])
+    found = store.find(["j2", "j0", "missing", "j0"])
+    assert found == {"j0": store.get("j0"), "j2": store.get("j2")} and store.find([]) == {}
+    assert store.ids("queued") == ["j0", "j1", "j2"] and store.ids("queued", group_id="g") == ["j0", "j1"]
+    assert store.ids("queued", api="jobs", group_id="g") == ["j0", "j1"] and store.ids("queued", api="openai") == []
+    store.claim("w", 1)
+    assert store.ids("running") == ["j0"] and store.ids("queued", group_id="g") == ["j1"]
+
+
 @pytest.mark.parametrize("in_files", [False, True], ids=["database", "folder"])
 def test_images_are_stored_in_the_database_or_a_folder(opener, tmp_path, in_files):
     folder = tmp_path / "images" if in_files else None
@@ -451,9 +463,9 @@ def test_a_database_from_before_schema_versions_is_upgraded_in_place(tmp_path, c
     path = tmp_path / "old.sqlite3"
     with sqlite3.connect(path) as db:
         db.executescript(LEGACY_SCHEMA)
-    store = JobStore(path, clock=clock)
+    store = SqliteStore(path, clock=clock)
     try:
-        assert store.schema_found == 0 and store.recovered == 1
+        assert store.schema_found == 0 and store.fail_lost() == 1
         record = store.get("done")
         assert (record["status"], record["created"], record["n_images"], record["attempts"]) == ("succeeded", 1.5,
                                                                                                  1, 0)  # fmt: skip

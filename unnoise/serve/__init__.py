@@ -4,7 +4,8 @@
   ``/sdapi/v1/txt2img``, jobs with Server-Sent Events, /health, /ready, /metrics, the page at /).
 - ``engine.Engine``: the bounded queue and the worker thread that batches requests with equal settings.
 - ``vram.VramPlanner``: peak memory of a batch from the configs; the largest batch under a budget.
-- ``store.JobStore``: jobs and images in SQLite. ``server.serve``: uvicorn with SIGTERM draining.
+- ``store.open_store``: jobs and images in SQLite (``--db``) or PostgreSQL (``--store``).
+- ``server.serve``: uvicorn with SIGTERM draining.
 
 fastapi and uvicorn are imported by ``app``, ``routes`` and ``server`` only: the planner, store and validation
 need neither.

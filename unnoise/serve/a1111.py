@@ -528,7 +528,7 @@ def cmd_flags(request: Request) -> dict[str, Any]:
     those it has too."""
     config = request.app.state.config
     flags = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
-    flags["api_keys"] = len(config.api_keys)
+    flags["api_keys"], flags["store"] = len(config.api_keys), config.store_shown  # no secrets
     flags = {k: str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v for k, v in flags.items()}
     return flags | {"api": True, "nowebui": False, "ckpt": flags["model"], "ckpt_dir": flags["model_dir"],
                     "lora_dir": flags["lora_dir"], "listen": config.host not in ("127.0.0.1", "localhost"),

@@ -1,13 +1,16 @@
 """The FastAPI application: lifespan (store, engine), errors as JSON naming the field, API keys, metrics, page.
 
 ``create_app(config)`` is all a test or an embedding needs; ``server.serve`` runs it under uvicorn with SIGTERM
-draining. /health, /ready, /metrics and the page at / are open; every /v1 and /sdapi route needs a key when keys
-are configured (``Authorization: Bearer KEY``, as OpenAI clients send, ``X-API-Key: KEY``, or HTTP Basic with the key
-as the password, as AUTOMATIC1111 clients send its ``--api-auth``).
+draining. A request that finds the job store's database unreachable gets 503 with ``Retry-After``
+(``store_unavailable``), in the error body every API shares. /health, /ready, /metrics and the page at / are open;
+every /v1 and /sdapi route needs a key when keys are configured (``Authorization: Bearer KEY``, as OpenAI clients
+send, ``X-API-Key: KEY``, or HTTP Basic with the key as the password, as AUTOMATIC1111 clients send its
+``--api-auth``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import contextlib
@@ -28,7 +31,7 @@ from unnoise.safety import SafetyChecker
 from unnoise.serve.config import ServeConfig
 from unnoise.serve.engine import Engine
 from unnoise.serve.metrics import CONTENT_TYPE
-from unnoise.serve.store import JobStore
+from unnoise.serve.store import StoreUnavailable, open_store
 from unnoise.serve.validation import ApiError
 
 
@@ -40,7 +43,7 @@ def create_app(config: ServeConfig, *, safety: SafetyChecker | None = None, pipe
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        store = JobStore(config.db)
+        store = open_store(config.store_location, images_dir=config.images_dir, lease_s=config.lease_s)
         engine = Engine(config, store, safety)
         app.state.store, app.state.engine = store, engine
         engine.start(pipe)
@@ -131,6 +134,11 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def api_error(request: Request, error: ApiError) -> JSONResponse:
         return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
+    @app.exception_handler(StoreUnavailable)
+    async def store_unavailable(request: Request, error: StoreUnavailable) -> JSONResponse:
+        return await api_error(request, ApiError(503, f"{error}; retry later", code="store_unavailable",
+                                                 headers={"Retry-After": str(STORE_RETRY_AFTER_S)}))  # fmt: skip
+
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, error: RequestValidationError) -> JSONResponse:
         first = error.errors()[0]
@@ -153,6 +161,8 @@ def _add_error_handlers(app: FastAPI) -> None:
         message = f"internal error: {type(error).__name__}: {error}"
         return await api_error(request, ApiError(500, message, code="internal_error"))
 
+
+STORE_RETRY_AFTER_S = 5  # Retry-After of a request that found the job store's database unreachable
 
 # Swagger UI's files as the fastapi-offline package ships them, so that /docs works without internet (no ReDoc: its
 # page loads a logo from a CDN).
@@ -197,9 +207,14 @@ def _open_routes() -> Any:
 
     @open_router.get("/ready")
     async def ready(request: Request) -> JSONResponse:
-        """Readiness: the model is loaded and warmed up, and the server is not draining."""
+        """Readiness: the model is loaded and warmed up, the job store answers, and the server is not draining."""
         engine: Engine = request.app.state.engine
         if engine.ready and not engine.draining:
+            try:
+                await asyncio.to_thread(engine.store.ping)
+            except StoreUnavailable as error:
+                return JSONResponse({"status": "store_unavailable", "error": str(error)}, status_code=503,
+                                    headers={"Retry-After": str(STORE_RETRY_AFTER_S)})  # fmt: skip
             pipe = engine.pipe
             body = {"status": "ready", "model": pipe.name, "model_hash": pipe.model_hash, "device": str(pipe.device)}
             return JSONResponse(body)

@@ -12,7 +12,7 @@ from unnoise.serve.config import DEFAULT_MODEL, ServeConfig
 
 # ServeConfig fields whose flag is not the field's name with dashes.
 _FLAGS = {"vram_budget_gb": "--vram-budget", "api_keys": "--api-key", "timeout_s": "--timeout",
-          "drain_timeout_s": "--drain-timeout", "batch_wait_s": "--batch-wait"}  # fmt: skip
+          "drain_timeout_s": "--drain-timeout", "batch_wait_s": "--batch-wait", "lease_s": "--lease"}  # fmt: skip
 
 
 def add_parser(commands: Any) -> argparse.ArgumentParser:
@@ -46,8 +46,16 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
                    "the GPU, or half the RAM on cpu)")  # fmt: skip
     p.add_argument("--api-key", action="append", default=[], metavar="KEY", help="accept this key (repeatable); "
                    "with none, no key is needed")  # fmt: skip
-    p.add_argument("--db", type=Path, default=d.db, metavar="FILE", help="SQLite file of jobs and images "
-                   "(default: %(default)s)")  # fmt: skip
+    p.add_argument("--db", type=Path, metavar="FILE", help=f"SQLite file of jobs and images: this server's own "
+                   f"queue (default: {d.db})")  # fmt: skip
+    p.add_argument("--store", metavar="URL", help="a PostgreSQL database (postgresql://user@host/db) holding jobs and "
+                   "images instead of --db: a queue shared by several replicas of this server (docs/serving.md, "
+                   "'Several replicas')")  # fmt: skip
+    p.add_argument("--lease", type=float, default=d.lease_s, metavar="S", help="seconds a job claimed by a worker "
+                   "stays its own without a renewal; a crashed worker's jobs run again after it (default: "
+                   "%(default)s)")  # fmt: skip
+    p.add_argument("--images-dir", type=Path, metavar="DIR", help="keep the PNGs in files of this folder (mounted by "
+                   "every replica) instead of the database")  # fmt: skip
     p.add_argument("--timeout", type=float, default=d.timeout_s, metavar="S",
                    help="seconds a job may take from submission, queue included (default: %(default)s)")  # fmt: skip
     p.add_argument("--drain-timeout", type=float, default=d.drain_timeout_s, metavar="S",
@@ -75,7 +83,8 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         model=args.model if args.model is not None else DEFAULT_MODEL, host=args.host, port=args.port,
         device=args.device, dtype=args.dtype, cuda_graphs=args.cuda_graphs, threads=args.threads,
         max_queue=args.max_queue, max_batch=args.max_batch, batch_wait_s=args.batch_wait,
-        vram_budget_gb=args.vram_budget, api_keys=tuple(args.api_key), db=args.db, timeout_s=args.timeout,
+        vram_budget_gb=args.vram_budget, api_keys=tuple(args.api_key), db=args.db or ServeConfig.db,
+        store=args.store, lease_s=args.lease, images_dir=args.images_dir, timeout_s=args.timeout,
         drain_timeout_s=args.drain_timeout,
         max_steps=args.max_steps, max_pixels=args.max_pixels, warmup=not args.no_warmup, safety=not args.no_safety,
         safety_clip=args.safety_clip, any_size=args.any_size, lora_dir=args.lora_dir, model_dir=args.model_dir,
@@ -84,6 +93,9 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
 
 def run(args: argparse.Namespace) -> None:
     """``unnoise serve``: check the flags and the model folder, then serve until SIGTERM."""
+    if args.store is not None and args.db is not None:
+        args.error("argument --store: not allowed with argument --db (the jobs are in one store: a PostgreSQL "
+                   "database shared by replicas, or this server's SQLite file)")  # fmt: skip
     try:
         config = config_from_args(args)
     except ValueError as error:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import urllib.parse
 from pathlib import Path
 
 from unnoise.pipeline.loading import DEFAULT_MODEL
+from unnoise.serve.store import DEFAULT_LEASE_S, POSTGRES_SCHEMES
 
 API_KEYS_ENV = "UNNOISE_API_KEYS"  # comma-separated keys, so that they need not appear in the process list
 
@@ -27,7 +29,10 @@ class ServeConfig:
     batch_wait_s: float = 0.02  # how long a batch waits for the last batch's clients to send their next requests
     vram_budget_gb: float | None = None  # None: 90% of the GPU's memory, or half the RAM on cpu
     api_keys: tuple[str, ...] = ()
-    db: Path = Path("unnoise-serve.sqlite3")
+    db: Path = Path("unnoise-serve.sqlite3")  # the job store of one server (SQLite), unless ``store`` is given
+    store: str | None = None  # a postgresql:// URL: a job queue shared by several replicas
+    images_dir: Path | None = None  # PNGs in files of this folder (every replica mounts it) instead of the database
+    lease_s: float = DEFAULT_LEASE_S  # a claimed job returns to the queue this long after its worker stops renewing
     timeout_s: float = 300.0  # a job not done this long after it was submitted fails with 504
     drain_timeout_s: float = 120.0  # on SIGTERM, wait this long at most for accepted jobs
     max_steps: int = 150
@@ -47,7 +52,10 @@ class ServeConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not allowed; expected an integer >= 1")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads={self.threads!r} is not allowed; expected an integer >= 1 or None")
-        for name in ("timeout_s", "drain_timeout_s"):
+        if self.store is not None and not self.store.startswith(POSTGRES_SCHEMES):
+            raise ValueError(f"store={self.store!r} is not allowed; expected a postgresql:// URL (a SQLite file is "
+                             "given with --db)")  # fmt: skip
+        for name in ("timeout_s", "drain_timeout_s", "lease_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not allowed; expected a number > 0")
         if not self.batch_wait_s >= 0:
@@ -61,6 +69,22 @@ class ServeConfig:
             )
         if any(not key for key in self.api_keys):
             raise ValueError("api_keys: an empty key is not allowed")
+
+    @property
+    def store_location(self) -> str | Path:
+        """Where the jobs are: ``store`` if given, else the SQLite file ``db`` (``unnoise.serve.store.open_store``)."""
+        return self.store if self.store is not None else self.db
+
+    @property
+    def store_shown(self) -> str | None:
+        """``store`` with its password (if the URL has one) replaced by ``***``: what may be shown to clients."""
+        if self.store is None:
+            return None
+        parts = urllib.parse.urlsplit(self.store)
+        if parts.password is None:
+            return self.store
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+        return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
     def with_env_keys(self) -> ServeConfig:
         """This config with the keys of ``$UNNOISE_API_KEYS`` added."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -36,13 +37,31 @@ class Job:
     cancel_step: int | None = None  # ``step`` when a cancel was asked for
     images: list[tuple[int, str, bytes]] = dataclasses.field(default_factory=list)  # (seed, parameters, PNG)
     listeners: list[Listener] = dataclasses.field(default_factory=list)
+    group_id: str | None = None  # the first job of its request (AUTOMATIC1111's n_iter jobs share it)
+    stop: tuple[str, str] | None = None  # (code, reason): a cancel its worker applies at the next step
+    ending: bool = False  # its worker has decided its outcome and is recording it
 
     @property
     def done(self) -> bool:
         return self.status in FINAL
 
+    @classmethod
+    def of_record(cls, record: dict[str, Any], spec: GenerationSpec | None = None) -> Job:
+        """The job of a store record (``Store.get``), with ``spec`` (its resolved request) if given."""
+        deadline = math.inf if record["deadline"] is None else record["deadline"]
+        spec = spec or GenerationSpec.from_dict(record["spec"])
+        job = cls(record["id"], record["api"], spec, record["created"], deadline, group_id=record["group_id"])
+        job.update(record)
+        return job
+
+    def update(self, record: dict[str, Any]) -> None:
+        """Take the state of a store record of this job (images excepted)."""
+        self.status, self.started, self.finished = record["status"], record["started"], record["finished"]
+        self.step, self.batch_size, self.cancel_step = record["steps_done"], record["batch_size"], record["cancel_step"]
+        self.error, self.error_code, self.http_status = record["error"], record["error_code"], record["http_status"]
+
     def record(self) -> dict[str, Any]:
-        """The same dict as ``JobStore.get`` returns for this job."""
+        """The same dict as ``Store.get`` returns for this job (its queue columns aside)."""
         return dict(
             id=self.id, api=self.api, status=self.status, spec=self.spec.to_dict(), created=self.created,
             started=self.started, finished=self.finished, steps_done=self.step, batch_size=self.batch_size,

@@ -26,6 +26,8 @@ def _labels(names: Sequence[str], values: Sequence[str], extra: str = "") -> str
 
 
 def _number(value: float) -> str:
+    if math.isnan(value):
+        return "NaN"
     if math.isinf(value):
         return "+Inf" if value > 0 else "-Inf"
     return repr(float(value)) if not float(value).is_integer() else str(int(value))
@@ -111,14 +113,21 @@ class Histogram(_Metric):
 
 
 class ServerMetrics:
-    """Every metric the server exports; the queue gauges read the engine when scraped."""
+    """Every metric the server exports; the gauges read the engine (and the job store: the whole queue, every
+    replica's, NaN while it cannot be reached) when scraped."""
 
-    def __init__(self, queue_depth: Callable[[], float], running: Callable[[], float], ready: Callable[[], float]):
+    def __init__(self, queue_depth: Callable[[], float], running: Callable[[], float], ready: Callable[[], float],
+                 store_running: Callable[[], float] = lambda: math.nan,
+                 store_up: Callable[[], float] = lambda: 1.0):  # fmt: skip
         self.requests = Counter(
             "unnoise_http_requests_total", "HTTP requests by route and status.", ("route", "status")
         )
-        self.queue_depth = Gauge("unnoise_queue_depth", "Jobs waiting to run.", queue_depth)
-        self.running = Gauge("unnoise_running_jobs", "Jobs in the sampler run now.", running)
+        self.queue_depth = Gauge("unnoise_queue_depth", "Jobs waiting to run, in the job store (all replicas).",
+                                 queue_depth)  # fmt: skip
+        self.running = Gauge("unnoise_running_jobs", "Jobs in the sampler run of this server now.", running)
+        self.store_running = Gauge("unnoise_store_running_jobs", "Jobs running, in the job store (all replicas).",
+                                   store_running)  # fmt: skip
+        self.store_up = Gauge("unnoise_store_up", "0 while this server's worker cannot reach the job store.", store_up)
         self.ready = Gauge("unnoise_ready", "1 when the model is loaded and warmed up.", ready)
         self.batch_size = Histogram("unnoise_batch_size_images", "Images per sampler run.", BATCH_SIZES)
         self.queue_seconds = Histogram("unnoise_queue_seconds", "Time from submission to the start of a job.", SECONDS)
@@ -127,10 +136,12 @@ class ServerMetrics:
         )
         self.step_seconds = Histogram("unnoise_step_seconds", "Time of one sampler step of a batch.", STEP_SECONDS)
         self.images = Counter("unnoise_images_generated_total", "Images generated and returned.")
-        self.jobs = Counter("unnoise_jobs_total", "Finished jobs by final status.", ("status",))
+        self.jobs = Counter("unnoise_jobs_total", "Jobs this server ended, by final status (one replica counts each).",
+                           ("status",))  # fmt: skip
         self.filter_blocks = Counter("unnoise_filter_blocks_total", "Requests refused by a content filter.", ("stage",))
 
     def render(self) -> str:
-        metrics = (self.requests, self.queue_depth, self.running, self.ready, self.batch_size, self.queue_seconds,
-                   self.generation_seconds, self.step_seconds, self.images, self.jobs, self.filter_blocks)  # fmt: skip
+        metrics = (self.requests, self.queue_depth, self.running, self.store_running, self.store_up, self.ready,
+                   self.batch_size, self.queue_seconds, self.generation_seconds, self.step_seconds, self.images,
+                   self.jobs, self.filter_blocks)  # fmt: skip
         return "\n".join(line for m in metrics for line in m.render()) + "\n"

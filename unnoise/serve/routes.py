@@ -1,7 +1,7 @@
 """Routes: jobs with Server-Sent Events, stored images, LoRAs (OpenAI Images: ``openai``, AUTOMATIC1111: ``a1111``).
 
 Every generation is a job in the store; the OpenAI and AUTOMATIC1111 routes submit and wait for it (cancelling it
-if the client goes away), the jobs routes return at once.
+if the client goes away), the jobs routes return at once. Any replica of a shared store answers for any job.
 """
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ async def list_jobs(
         raise invalid("status", status, f"allowed: {', '.join(STATUSES)}")
     records, total = request.app.state.store.page(limit, offset, status)
     engine: Engine = request.app.state.engine
-    records = [live.record() if (live := engine.live(r["id"])) else r for r in records]
+    records = [engine.record(r["id"]) or r if r["status"] == "running" else r for r in records]
     base = str(request.base_url)
     next_offset = offset + len(records) if offset + len(records) < total else None
     data = [job_view(r, base) for r in records]
@@ -158,8 +158,7 @@ async def list_jobs(
 
 
 def _record(request: Request, job_id: str) -> dict[str, Any]:
-    live = request.app.state.engine.live(job_id)
-    record = live.record() if live is not None else request.app.state.store.get(job_id)
+    record = request.app.state.engine.record(job_id)
     if record is None:
         raise ApiError(404, f"job {job_id!r} does not exist", param="id", code="job_not_found")
     return record
@@ -172,21 +171,24 @@ async def get_job(job_id: str, request: Request) -> dict[str, Any]:
 
 @router.delete("/v1/jobs/{job_id}")
 async def cancel_job(job_id: str, request: Request) -> JSONResponse:
-    """Cancel: a queued job at once (200), a running one at its next sampler step (202); 409 if it is finished."""
-    job = request.app.state.engine.cancel(job_id)
-    if job is None:
-        record = _record(request, job_id)
+    """Cancel, whichever replica runs it: a queued job at once (200), a running one at its next sampler step (202);
+    409 if it is finished."""
+    outcome = request.app.state.engine.cancel(job_id)
+    record = _record(request, job_id)
+    if outcome == "finished":
         raise ApiError(409, f"job {job_id!r} is already {record['status']}", param="id", code="job_finished")
-    return JSONResponse(job_view(job.record(), str(request.base_url)), status_code=200 if job.done else 202)
+    return JSONResponse(job_view(record, str(request.base_url)), status_code=200 if outcome == "cancelled" else 202)
 
 
 @router.get("/v1/jobs/{job_id}/events")
 async def job_events(job_id: str, request: Request) -> StreamingResponse:
-    """Server-Sent Events: ``status``, one ``progress`` per sampler step, then ``done`` with the job."""
+    """Server-Sent Events: ``status``, ``progress`` (each sampler step when the job runs on this replica; from the
+    store every few tenths of a second, ``sigma`` null, when it runs on another), then ``done`` with the job."""
     engine: Engine = request.app.state.engine
     base = str(request.base_url)
-    job = engine.live(job_id)
-    record = _record(request, job_id) if job is None else None
+    job, record = engine.follow(job_id)
+    if job is None and record is None:
+        raise ApiError(404, f"job {job_id!r} does not exist", param="id", code="job_not_found")
     return StreamingResponse(_events(engine, job, record, base), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
 

@@ -92,8 +92,8 @@ class GenerationSpec:
     seed: int
     loras: dict[str, float] = dataclasses.field(default_factory=dict)  # the adapters that run, by name (none at 0)
     # img2img, inpainting and the hires fix, as given (None: not asked for; ``EDIT_KEYS``). An input image is kept as
-    # the sha256 of its pixels (``image_digest``), never the pixels: a restart fails the jobs it finds queued instead
-    # of running them again (``store``), so what is stored only has to say which image a job was given.
+    # the sha256 of its pixels (``image_digest``), never the pixels: the worker runs the resolved request, which the
+    # engine stores beside the spec (``NewJob.inputs``), so the spec only has to say which image a job was given.
     image: str | None = None
     mask: str | None = None
     strength: float | None = None

@@ -1,6 +1,6 @@
 """Jobs, their images and the queue they wait in: ``Store`` (the contract, ``base``) in SQLite (``SqliteStore``, the
-default: one machine) or PostgreSQL (``PostgresStore``: several replicas); ``JobStore`` is the single-process store
-the engine uses, ``open_store`` picks a backend from a path or URL. See docs/serving.md, "Job store"."""
+default: one machine) or PostgreSQL (``PostgresStore``: several replicas); ``open_store`` picks a backend from a path
+or URL. See docs/serving.md, "Job store"."""
 
 from __future__ import annotations
 
@@ -22,11 +22,12 @@ from unnoise.serve.store.base import (
     batch_key_digest,
 )  # fmt: skip
 from unnoise.serve.store.schema import VERSION as SCHEMA_VERSION
-from unnoise.serve.store.sqlite import JobStore, SqliteStore
+from unnoise.serve.store.sqlite import SqliteStore
 
 __all__ = [
-    "ACTIVE", "DEFAULT_LEASE_S", "DEFAULT_MAX_ATTEMPTS", "FINAL", "LOST", "SCHEMA_VERSION", "STATUSES", "JobStore",
-    "NewJob", "QueueFull", "Renewal", "SqliteStore", "Store", "StoreUnavailable", "batch_key_digest", "open_store",
+    "ACTIVE", "DEFAULT_LEASE_S", "DEFAULT_MAX_ATTEMPTS", "FINAL", "LOST", "POSTGRES_SCHEMES", "SCHEMA_VERSION",
+    "STATUSES", "NewJob", "QueueFull", "Renewal", "SqliteStore", "Store", "StoreUnavailable", "batch_key_digest",
+    "open_store",
 ]  # fmt: skip
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 

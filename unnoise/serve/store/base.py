@@ -362,6 +362,25 @@ class Store:
             row = tx.one(f"SELECT {_SELECT} FROM jobs WHERE id = ?", (job_id,))
             return None if row is None else self._records(tx, [row])[0]
 
+    def find(self, job_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+        """The records of those of ``job_ids`` that exist, by id (as ``get``, in one read)."""
+        wanted = sorted(set(job_ids))
+        if not wanted:
+            return {}
+        with self._transaction(write=False) as tx:
+            rows = tx.all(f"SELECT {_SELECT} FROM jobs WHERE id IN ({', '.join('?' * len(wanted))})", wanted)
+            return {record["id"]: record for record in self._records(tx, rows)}
+
+    def ids(self, status: str, *, api: str | None = None, group_id: str | None = None) -> list[str]:
+        """The ids of the jobs in ``status`` (of one API, of one request group), oldest first."""
+        where, args = ["status = ?"], [status]
+        for column, value in (("api", api), ("group_id", group_id)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        with self._transaction(write=False) as tx:
+            return [row[0] for row in tx.all(f"SELECT id FROM jobs WHERE {' AND '.join(where)} ORDER BY seq", args)]
+
     def page(self, limit: int, offset: int, status: str | None = None) -> tuple[list[dict[str, Any]], int]:
         """Jobs newest first, ``limit`` from ``offset``, optionally of one status; and the total count."""
         where, args = ("WHERE status = ?", (status,)) if status else ("", ())
