@@ -197,7 +197,6 @@ def test_full_size_stable_diffusion_layout(version):
     "option",
     [
         {"addition_embed_type": "text_time"},
-        {"time_cond_proj_dim": 16},
         {"encoder_hid_dim": 32, "encoder_hid_dim_type": "text_proj"},
         {"class_embed_type": "timestep"},
         {"time_embedding_type": "fourier"},

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from unnoise.core.denoisers import data_std
+from unnoise.core.denoisers import VPDenoiser, data_std
 from unnoise.core.noise import Generator, check_generators, randn_like
 from unnoise.core.schedules import check_choice, check_grid
 
@@ -289,6 +289,66 @@ def _exp_multistep(x: Tensor, points: list[tuple[float, Tensor]], s: float, s_ne
     return out
 
 
+# -- consistency sampling ----------------------------------------------------------------------------------------
+#
+# A latent consistency model (Luo et al. 2023) maps any point of an ODE trajectory to its origin through
+# f(x, t) = c_skip(t) x_vp + c_out(t) x0_hat(x, t), with x_vp = x / sqrt(1 + sigma^2) the VP-scaled state and the
+# scalings of Song et al. 2023 at the timestep scaled by 10, so that f is the identity at t = 0. Multistep sampling
+# evaluates f and noises its output afresh to the next sigma.
+
+LCM_TIMESTEP_SCALING = 10.0  # diffusers' LCMScheduler timestep_scaling
+LCM_SIGMA_DATA = 0.5
+LCM_ORIGINAL_STEPS = 50  # the solver grid LCMs are distilled on (diffusers' original_inference_steps)
+
+
+def consistency_scalings(t: Tensor | float, timestep_scaling: float = LCM_TIMESTEP_SCALING) -> tuple[Tensor, Tensor]:
+    """LCM's boundary-condition scalings ``(c_skip, c_out)`` at discrete timesteps ``t``, Song et al. 2023, eq. 7."""
+    scaled = torch.as_tensor(t, dtype=torch.float64) * timestep_scaling
+    c_skip = LCM_SIGMA_DATA**2 / (scaled**2 + LCM_SIGMA_DATA**2)
+    c_out = scaled / (scaled**2 + LCM_SIGMA_DATA**2) ** 0.5
+    return c_skip, c_out
+
+
+def lcm_timesteps(steps: int, num_train_timesteps: int = 1000, original_steps: int = LCM_ORIGINAL_STEPS) -> Tensor:
+    """The decreasing training timesteps of an LCM grid: ``steps`` evenly spaced indices into the ``original_steps``
+    solver timesteps ``k - 1, 2k - 1, ..., T - 1`` (k = T // original_steps), as diffusers' ``LCMScheduler``."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= original_steps:
+        raise ValueError(f"steps={steps!r} is not allowed for the lcm sampler; allowed: 1 to {original_steps}")
+    k = num_train_timesteps // original_steps
+    solver = torch.arange(original_steps, 0, -1, dtype=torch.float64) * k - 1  # T - 1 first
+    indices = torch.floor(torch.arange(steps, dtype=torch.float64) * (original_steps / steps)).long()
+    return solver[indices]
+
+
+def _vp_denoiser(denoiser: Denoiser) -> VPDenoiser | None:
+    """The ``VPDenoiser`` under guidance and region wrappers (their ``denoiser`` attribute), if there is one."""
+    seen = 0
+    while denoiser is not None and seen < 16:
+        if isinstance(denoiser, VPDenoiser):
+            return denoiser
+        denoiser, seen = getattr(denoiser, "denoiser", None), seen + 1
+    return None
+
+
+def sample_lcm(denoiser, x, sigmas, *, generator=None, callback=None, eta=None, **cond) -> Tensor:
+    """Multistep latent consistency sampling, Luo et al. 2023, Alg. 3 (diffusers' LCMScheduler)."""
+    # The boundary condition needs the discrete timestep: that of the VP network's schedule; a denoiser without one
+    # (EDM, flow) is taken at t -> infinity, where c_skip = 0 and c_out = 1 (at t = 19 they are 7e-6 and 1 - 3e-6).
+    x = _check(x, sigmas, generator)
+    _eta("lcm", eta)
+    vp = _vp_denoiser(denoiser)
+    for i, (sigma, sigma_next) in enumerate(_pairs(sigmas)):
+        denoised = denoiser(x, sigma, **cond)
+        if vp is not None:
+            t = vp.schedule.sigma_to_t(torch.tensor([sigma], dtype=torch.float64))[0]
+            c_skip, c_out = (float(c) for c in consistency_scalings(t))
+            denoised = c_out * denoised + (c_skip / math.sqrt(1 + sigma**2)) * x
+        if callback is not None and callback(i, sigma, x, denoised) is True:
+            return x
+        x = denoised if sigma_next == 0 else denoised + randn_like(denoised, generator) * sigma_next
+    return x
+
+
 # -- the registry ----------------------------------------------------------------------------------------------
 
 
@@ -351,6 +411,7 @@ SAMPLER_INFO: dict[str, SamplerInfo] = {
         ),
         SamplerInfo("unipc", sample_unipc, a1111_name="UniPC", diffusers_name="UniPCMultistepScheduler"),
         SamplerInfo("gauss_pc", sample_gauss_pc),
+        SamplerInfo("lcm", sample_lcm, eta=1.0, a1111_name="LCM", diffusers_name="LCMScheduler"),
     )
 }
 SAMPLERS: dict[str, Callable[..., Tensor]] = {name: info.fn for name, info in SAMPLER_INFO.items()}

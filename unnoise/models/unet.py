@@ -98,6 +98,7 @@ class UNetConfig(ModelConfig):
     addition_embed_type: str | None = None  # None or "text_time"
     addition_time_embed_dim: int | None = None  # sinusoidal width of each time id
     projection_class_embeddings_input_dim: int | None = None  # text embedding width + time ids * that width
+    time_cond_proj_dim: int | None = None  # width of a guidance-scale embedding added to the time embedding (LCM)
     downsample_padding: int = 1
     dropout: float = 0.0
 
@@ -133,6 +134,9 @@ class UNetConfig(ModelConfig):
             raise _error("num_class_embeds", self.num_class_embeds, "must be None or >= 1")
         if not 0.0 <= self.dropout < 1.0:
             raise _error("dropout", self.dropout, "must be in [0, 1)")
+        width = self.time_cond_proj_dim
+        if width is not None and (type(width) is not int or width < 1):
+            raise _error("time_cond_proj_dim", self.time_cond_proj_dim, "must be None or an int >= 1")
 
     def _check_depths(self) -> None:
         n, layers = len(self.block_out_channels), self.per_block("layers_per_block")
@@ -293,6 +297,23 @@ def _added_conditions(
     return added_cond_kwargs.get("text_embeds"), added_cond_kwargs.get("time_ids")
 
 
+def guidance_scale_embedding(w: Tensor, dim: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Sinusoidal embedding (B, dim) of guidance weights ``w`` (B,) scaled by 1000, sines first: the ``timestep_cond``
+    of a U-Net with ``time_cond_proj_dim`` (Meng et al. 2023; the LCM pipelines pass ``w = guidance_scale - 1``).
+
+    Written in the operation order of diffusers' ``get_guidance_scale_embedding``: the phases reach ``1000 w``, so a
+    frequency one float32 ulp off would move them by about 1e-3."""
+    if w.ndim != 1:
+        raise ValueError(f"w has shape {tuple(w.shape)}; expected one guidance weight per sample, shape (batch,)")
+    w = w * 1000.0
+    half = dim // 2
+    step = torch.log(torch.tensor(10000.0)) / (half - 1)
+    frequencies = torch.exp(torch.arange(half, dtype=dtype) * -step)
+    phases = w.to(dtype)[:, None] * frequencies[None, :].to(w.device)
+    emb = torch.cat([phases.sin(), phases.cos()], dim=1)
+    return F.pad(emb, (0, 1)) if dim % 2 else emb
+
+
 class _Layers(nn.Module):
     """Residual blocks, each optionally followed by attention: the body of the down and up blocks."""
 
@@ -369,6 +390,8 @@ class UNet(LoRAHost, nn.Module):
         ch = config.block_out_channels
         self.conv_in = Conv2d(config.in_channels, ch[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(ch[0], config.time_embed_dim)
+        if config.time_cond_proj_dim is not None:  # diffusers' TimestepEmbedding.cond_proj: w embedding -> time input
+            self.time_embedding.cond_proj = nn.Linear(config.time_cond_proj_dim, ch[0], bias=False)
         n_class = config.num_class_embeds
         self.class_embedding = nn.Embedding(n_class, config.time_embed_dim) if n_class else None
         added = config.projection_class_embeddings_input_dim  # SDXL: [text_embeds, embedded time_ids] -> time
@@ -465,17 +488,23 @@ class UNet(LoRAHost, nn.Module):
         text_embeds: Tensor | None = None,
         time_ids: Tensor | None = None,
         added_cond_kwargs: dict[str, Tensor] | None = None,
+        timestep_cond: Tensor | None = None,
     ) -> Tensor:
         """Output for noisy ``x`` at timesteps ``t`` (scalar or (B,)), computed in the weights' dtype, in x's dtype.
 
         ``text_embeds`` (B, width) and ``time_ids`` (B, ids): SDXL's pooled text embedding and its size and crop
         conditioning (original h, w, crop top, left, target h, w; the refiner: original h, w, crop top, left,
         aesthetic score), for ``addition_embed_type="text_time"``; ``added_cond_kwargs``: the same as diffusers'
-        dict."""
+        dict. ``timestep_cond`` (B, time_cond_proj_dim): a guidance-scale embedding (``guidance_scale_embedding``)
+        for a U-Net with ``time_cond_proj_dim``; without it such a U-Net runs as if the projection were zero."""
         text_embeds, time_ids = _added_conditions(text_embeds, time_ids, added_cond_kwargs)
         self._check_inputs(x, encoder_hidden_states, class_labels)
         self._check_added(x.shape[0], text_embeds, time_ids)
-        temb = self._embed(t, x, class_labels)
+        dim = self.config.time_cond_proj_dim
+        why = "this model has no guidance embedding (time_cond_proj_dim=None)"
+        if timestep_cond is not None or dim is None:  # optional where the model has the projection
+            _check_conditioning("timestep_cond", timestep_cond, (x.shape[0], dim) if dim else None, why)
+        temb = self._embed(t, x, class_labels, timestep_cond)
         if self.add_embedding is not None:
             temb = temb + self._added_embedding(text_embeds, time_ids)
         context = encoder_hidden_states.to(self.dtype) if encoder_hidden_states is not None else None
@@ -513,7 +542,9 @@ class UNet(LoRAHost, nn.Module):
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
-    def _embed(self, t: Tensor | float, x: Tensor, class_labels: Tensor | None) -> Tensor:
+    def _embed(
+        self, t: Tensor | float, x: Tensor, class_labels: Tensor | None, timestep_cond: Tensor | None = None
+    ) -> Tensor:
         t = torch.as_tensor(t, device=x.device)
         batch = x.shape[0]
         if t.ndim > 1 or (t.ndim == 1 and t.shape[0] not in (1, batch)):
@@ -525,7 +556,10 @@ class UNet(LoRAHost, nn.Module):
             flip_sin_to_cos=c.flip_sin_to_cos,
             freq_shift=c.freq_shift,
         )
-        temb = self.time_embedding(emb.to(self.dtype))
+        emb = emb.to(self.dtype)
+        if timestep_cond is not None:  # added before the time MLP, as diffusers' TimestepEmbedding(condition)
+            emb = emb + self.time_embedding.cond_proj(timestep_cond.to(self.dtype))
+        temb = self.time_embedding(emb)
         if self.class_embedding is not None:
             temb = temb + self.class_embedding(class_labels).to(temb.dtype)
         return temb

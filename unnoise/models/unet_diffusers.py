@@ -57,6 +57,7 @@ DIFFUSERS_DEFAULTS: dict[str, dict[str, Any]] = {
         "addition_embed_type": None,
         "addition_time_embed_dim": None,
         "projection_class_embeddings_input_dim": None,
+        "time_cond_proj_dim": None,
     },
 }
 
@@ -78,7 +79,6 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "resnet_out_scale_factor": (1.0,),
     "time_embedding_act_fn": (None,),
     "timestep_post_act": (None,),
-    "time_cond_proj_dim": (None,),
     "conv_in_kernel": (3,),
     "conv_out_kernel": (3,),
     "attention_type": ("default",),
@@ -120,6 +120,7 @@ _CONDITIONAL = (
     "addition_embed_type",
     "addition_time_embed_dim",
     "projection_class_embeddings_input_dim",
+    "time_cond_proj_dim",
 )
 
 

@@ -27,13 +27,14 @@ from torch import Tensor, nn
 from unnoise.core.denoisers import VPDenoiser
 from unnoise.core.guidance import CFGDenoiser
 from unnoise.core.noise import randn_like
-from unnoise.core.samplers import sample
+from unnoise.core.samplers import lcm_timesteps, sample
 from unnoise.core.schedules import VPSchedule
 from unnoise.files import file_sha256
 from unnoise.models import lora
 from unnoise.models.graphs import DEFAULT_MAX_GRAPHS, GraphedUNet
 from unnoise.models.packing import prepare_for_inference
 from unnoise.models.text import MiniLMEncoder, TextEncoder
+from unnoise.models.unet import guidance_scale_embedding
 from unnoise.pipeline.config import PipelineConfig, sampling_grid
 from unnoise.pipeline.hires import UPSCALERS, upscale_image, upscale_latents
 from unnoise.pipeline.images import paste_back, to_tensor
@@ -43,6 +44,7 @@ from unnoise.pipeline.inputs import (
     NEGATIVE_AESTHETIC_SCORE,
     Request,
     ResolvedRequest,
+    _fail,
     resolve_request,
 )
 from unnoise.pipeline.loading import (
@@ -176,6 +178,29 @@ def _text_at(schedule: list[tuple[int, str, bool]], step: int) -> tuple[str, boo
 def _tags(req: ResolvedRequest) -> set[str]:
     """The LoRAs a request's prompt tags (``<lora:name:w>``), which its parameters keep in the prompt as written."""
     return set(extract_loras(req.prompt)[1]) if req.prompt_syntax else set()
+
+
+def grid_for(config: PipelineConfig, sampler: str, steps: int, spacing: str | None = None) -> tuple[VPSchedule, Tensor]:
+    """The schedule and sigma grid of a sampler pass: the config's grid at ``spacing``, except that the ``lcm`` sampler
+    walks LCM's timestep grid (``samplers.lcm_timesteps``), as diffusers' ``LCMScheduler`` has its own."""
+    schedule, sigmas = sampling_grid(config.schedule, config.sampling, steps, spacing)
+    if sampler == "lcm":
+        t = lcm_timesteps(steps, schedule.num_train_timesteps)
+        sigmas = torch.cat([schedule.t_to_sigma(t), sigmas.new_zeros(1)])
+    return schedule, sigmas
+
+
+def _check_embedded_guidance(req: ResolvedRequest, i: int) -> None:
+    """A U-Net with a guidance embedding (``time_cond_proj_dim``) makes no unconditional pass: no negative prompt and
+    none of the settings that act on one."""
+    why = "this model takes the guidance scale as an input (U-Net time_cond_proj_dim) and makes no unconditional pass"
+    where = f"requests[{i}]." if i else ""
+    if req.negative_prompt:
+        raise _fail(f"{where}negative_prompt", req.negative_prompt, f"{why}; allowed: '' or None")
+    if req.guidance_rescale:
+        raise _fail(f"{where}guidance_rescale", req.guidance_rescale, f"{why}; allowed: 0")
+    if req.guidance_interval is not None:
+        raise _fail(f"{where}guidance_interval", req.guidance_interval, f"{why}; allowed: None")
 
 
 def _check_compatible(reqs: list[ResolvedRequest]) -> None:
@@ -315,6 +340,12 @@ class Pipeline:
     @property
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
+
+    @property
+    def guidance_embedded(self) -> bool:
+        """Whether the U-Net takes the guidance scale as an input (``time_cond_proj_dim``: guidance-distilled and
+        latent consistency models): one batch-1 call per step with the embedding of ``guidance_scale - 1``."""
+        return getattr(self.unet.config, "time_cond_proj_dim", None) is not None
 
     @property
     def vae_factor(self) -> int:
@@ -536,6 +567,9 @@ class Pipeline:
         if not reqs:
             raise ValueError("requests=[] is not allowed; expected one or more requests")
         _check_compatible(reqs)
+        if self.guidance_embedded:
+            for i, req in enumerate(reqs):
+                _check_embedded_guidance(req, i)
         if self.safety is not None:
             for req in reqs:
                 self.safety.require_allowed(req.prompt)  # PromptBlocked (a ValueError naming the category)
@@ -575,9 +609,10 @@ class Pipeline:
         with self._adapters(first.loras), self._caching(first, schedule):
             cond, uncond = self._conditioning(reqs, starts)
             space = "v" if self.config.prediction == "v_prediction" else "epsilon"
-            denoiser: Callable[..., Tensor] = CFGDenoiser(
-                vp, first.guidance_scale, uncond, first.guidance_rescale, first.guidance_interval, rescale_space=space
-            )
+            guidance = (first.guidance_scale, uncond, first.guidance_rescale, first.guidance_interval)
+            denoiser: Callable[..., Tensor] = vp  # a guidance embedding in ``cond`` guides it
+            if not self.guidance_embedded:
+                denoiser = CFGDenoiser(vp, *guidance, rescale_space=space)
             if starts[0].known is not None:
                 mask, z0 = (torch.cat(parts) for parts in zip(*(start.known for start in starts), strict=True))
                 denoiser = KnownRegion(denoiser, mask, z0)
@@ -637,7 +672,7 @@ class Pipeline:
 
     def _grid(self, req: ResolvedRequest) -> tuple[VPSchedule, Tensor]:
         """The schedule and grid of the scheduler config; img2img keeps the tail that ``strength`` selects."""
-        schedule, sigmas = sampling_grid(self.config.schedule, self.config.sampling, req.steps, req.spacing)
+        schedule, sigmas = grid_for(self.config, req.sampler, req.steps, req.spacing)
         if req.image is not None or req.init_latents is not None:  # diffusers' img2img: start at steps - int(...)
             run = int(req.steps * req.strength) if req.run_steps is None else req.run_steps
             sigmas = sigmas[req.steps - run :]
@@ -652,7 +687,8 @@ class Pipeline:
         windows, and follow their editing schedule over the request's steps. When some text changes with the step,
         ``cond`` holds the step-0 conditioning and, under ``_STEPS``, every step's; ``_sample`` applies them."""
         steps = reqs[0].steps
-        negatives = [None if r.guidance_scale == 1.0 else r.negative_prompt for r in reqs]
+        embedded = self.guidance_embedded
+        negatives = [None if r.guidance_scale == 1.0 or embedded else r.negative_prompt for r in reqs]
         pos = [_schedule(r, r.prompt, steps, tags=True) for r in reqs]
         neg = [None if n is None else _schedule(r, n, steps) for r, n in zip(reqs, negatives, strict=True)]
         encoded = self._encode_texts({(text, syntax) for s in pos + neg if s for _, text, syntax in s})
@@ -679,6 +715,11 @@ class Pipeline:
                 uncond["time_ids"] = images([torch.tensor(r.negative_time_ids, device=self.device) for r in reqs])
             if starts[0].inpaint is not None:
                 cond["inpaint"] = uncond["inpaint"] = torch.cat([start.inpaint for start in starts])
+            if embedded:  # the requests share their guidance scale (batch key)
+                w = torch.full((sum(counts),), reqs[0].guidance_scale - 1.0)
+                cond["timestep_cond"] = guidance_scale_embedding(w, self.unet.config.time_cond_proj_dim).to(
+                    self.device, self.unet.dtype
+                )
             return cond, uncond
 
         keys = [tuple(None if s is None else _text_at(s, i) for s in pos + neg) for i in range(steps)]

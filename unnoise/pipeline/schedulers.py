@@ -54,6 +54,15 @@ SCHEDULERS: dict[str, dict[str, Any]] = {
         lambda_min_clipped=-float("inf"),
         **_MULTISTEP,
     ),
+    "LCMScheduler": dict(
+        clip_sample=False,
+        set_alpha_to_one=True,
+        thresholding=False,
+        rescale_betas_zero_snr=False,
+        timestep_spacing="leading",
+        original_inference_steps=50,
+        timestep_scaling=10.0,
+    ),
     "UniPCMultistepScheduler": dict(
         solver_type="bh2",
         predict_x0=True,
@@ -84,6 +93,7 @@ _IGNORED = [
     ("algorithm_type", ("dpmsolver++", "sde-dpmsolver++"), "the DPM-Solver++ form of the same order is used"),
 ]
 _REFUSED = [("use_flow_sigmas", False), ("use_dynamic_shifting", False), ("prediction_type", PREDICTIONS)]
+_REFUSED += [("original_inference_steps", 50), ("timestep_scaling", 10.0)]  # the lcm sampler's grid and scalings
 
 
 def translate_scheduler(cfg: dict[str, Any]) -> tuple[ScheduleConfig, str, SamplingConfig]:
@@ -112,6 +122,8 @@ def translate_scheduler(cfg: dict[str, Any]) -> tuple[ScheduleConfig, str, Sampl
     elif c.get("use_exponential_sigmas"):
         spacing = "exponential"
     final = "sigma_min" if c.get("final_sigmas_type") == "sigma_min" or c.get("set_alpha_to_one") is False else "zero"
+    lcm = name == "LCMScheduler"  # its last step returns the consistency output: the grid ends at 0
+    final = "zero" if lcm else final
     linear = name in ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler")
     schedule = ScheduleConfig(
         beta_schedule=_BETAS[c["beta_schedule"]],
@@ -124,8 +136,8 @@ def translate_scheduler(cfg: dict[str, Any]) -> tuple[ScheduleConfig, str, Sampl
     )
     sampling = SamplingConfig(
         sampler=_sampler_for(name, c),
-        steps=50,  # diffusers' StableDiffusionPipeline defaults
-        guidance_scale=7.5,
+        steps=4 if lcm else 50,  # diffusers' LatentConsistencyModelPipeline and StableDiffusionPipeline defaults
+        guidance_scale=8.5 if lcm else 7.5,
         spacing=spacing,
         steps_offset=int(c["steps_offset"]),
         final=final,

@@ -2,7 +2,7 @@
 
 A file has a few top-level keys and one table per concern::
 
-    task = "diffusion"            # or "autoencoder"
+    task = "diffusion"            # or "autoencoder", "guidance_distillation", "consistency_distillation"
     out_dir = "runs/mnist-ldm"
     seed = 0
     [data]         # what to train on (DataConfig)
@@ -10,6 +10,7 @@ A file has a few top-level keys and one table per concern::
     [diffusion]    # task = "diffusion" only (DiffusionConfig), with [diffusion.schedule] and [diffusion.sampling]
     [autoencoder]  # task = "autoencoder" only (AutoencoderLossConfig)
     [lora]         # train a LoRA on a pipeline instead of a network from scratch (LoRAConfig); task = "diffusion"
+    [distill]      # the teacher of task = "guidance_distillation" / "consistency_distillation" (DistillConfig)
     [optim]        # AdamW and its learning-rate schedule (OptimConfig)
     [ema]          # the exponential moving average of the weights (EMAConfig)
     [train]        # steps, batch, precision, logging and checkpoints (LoopConfig)
@@ -35,7 +36,9 @@ from unnoise.models.unet import UNetConfig
 from unnoise.models.vae import AutoencoderKLConfig
 from unnoise.pipeline.config import SamplingConfig, ScheduleConfig, TextEncoderConfig
 
-TASKS = ("diffusion", "autoencoder")
+TASKS = ("diffusion", "autoencoder", "guidance_distillation", "consistency_distillation")
+DISTILL_TASKS = ("guidance_distillation", "consistency_distillation")  # a student of [distill] teacher's U-Net
+CONSISTENCY_LOSSES = ("huber", "l2")
 DATASETS = ("mnist", "emoji", "folder")
 CONDITIONINGS = ("text", "class", "none")
 AUTOCASTS = ("none", "bf16", "fp16")
@@ -173,6 +176,38 @@ class LoRAConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class DistillConfig:
+    teacher: str = ""  # required: the pipeline whose U-Net is distilled (our folder, a diffusers folder or "default")
+    guidance_min: float = 1.0  # guidance scales s are drawn uniformly from [guidance_min, guidance_max]; the student
+    guidance_max: float = 7.0  # sees the embedding of s - 1 and learns the teacher's uncond + s (cond - uncond)
+    time_cond_proj_dim: int = 256  # width of the student's guidance embedding (a teacher that has one keeps its own)
+    # consistency_distillation only:
+    solver_steps: int = 50  # the teacher's DDIM step skips 1000 / solver_steps training timesteps (LCM's k = 20)
+    loss: str = "huber"  # distance between the online and target consistency outputs: "huber" or "l2"
+    huber_c: float = 0.001  # the pseudo-Huber loss's c: sqrt(d^2 + c^2) - c
+    target_decay: float = 0.95  # the target network is this EMA of the online student
+    sampling: SamplingConfig | None = None  # the exported model's sampling defaults; None: the teacher's
+    # (consistency_distillation: sampler "lcm", 4 steps, at the teacher's guidance scale)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.teacher, str) or not self.teacher:
+            raise _error("distill.teacher", self.teacher, 'a pipeline folder (ours or diffusers) or "default"')
+        _number("distill.guidance_min", self.guidance_min, 1)
+        _number("distill.guidance_max", self.guidance_max, self.guidance_min)
+        _positive_int("distill.time_cond_proj_dim", self.time_cond_proj_dim, 2)
+        _positive_int("distill.solver_steps", self.solver_steps)
+        check_choice("distill.loss", self.loss, CONSISTENCY_LOSSES)
+        _number("distill.huber_c", self.huber_c, 0, low_open=True)
+        _number("distill.target_decay", self.target_decay, 0, 1)
+        if self.target_decay == 1:
+            raise _error("distill.target_decay", self.target_decay, "a number in [0, 1): 1 would never move")
+
+
+# The [distill] fields that only consistency distillation reads.
+CONSISTENCY_FIELDS = ("solver_steps", "loss", "huber_c", "target_decay")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class OptimConfig:
     lr: float = 1e-4  # peak learning rate of AdamW
     betas: tuple[float, float] = (0.9, 0.999)
@@ -249,6 +284,7 @@ class TrainConfig:
     diffusion: DiffusionConfig = dataclasses.field(default_factory=DiffusionConfig)
     autoencoder: AutoencoderLossConfig = dataclasses.field(default_factory=AutoencoderLossConfig)
     lora: LoRAConfig | None = None  # train a LoRA on lora.base; [model] and the network's [diffusion] come from it
+    distill: DistillConfig | None = None  # the distillation tasks: the teacher; [model] and the network come from it
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     ema: EMAConfig = dataclasses.field(default_factory=EMAConfig)
     train: LoopConfig = dataclasses.field(default_factory=LoopConfig)
@@ -256,6 +292,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_choice("task", self.task, TASKS)
         _positive_int("seed", self.seed, 0)
+        if self.task in DISTILL_TASKS or self.distill is not None:
+            _check_distill_conflicts(self.task, self.model, _set_fields(self.diffusion), self.lora, self.distill)
+            return
         if self.lora is not None:
             _check_lora_conflicts(self.task, self.model, _set_fields(self.diffusion))
             return
@@ -265,6 +304,8 @@ class TrainConfig:
         """The ``[model]`` table as the network's config class."""
         if self.lora is not None:
             raise ValueError(f"with a [lora] table the network is lora.base={self.lora.base!r}; [model] is not used")
+        if self.distill is not None:
+            raise ValueError(f"task={self.task!r} distills distill.teacher={self.distill.teacher!r}; no [model]")
         cls = UNetConfig if self.task == "diffusion" else AutoencoderKLConfig
         try:
             return cls.from_dict(self.model)
@@ -274,6 +315,12 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain data that ``config_from_dict`` reads back; with [lora], without what the base pipeline sets."""
         data = _plain(dataclasses.asdict(self))
+        if self.distill is None:
+            del data["distill"]
+        else:
+            del data["model"]
+            for name in BASE_DIFFUSION_FIELDS:
+                del data["diffusion"][name]
         if self.lora is None:
             del data["lora"]
         else:
@@ -302,6 +349,28 @@ def _check_lora_conflicts(task: str, model: dict[str, Any], diffusion: list[str]
         )
 
 
+def _check_distill_conflicts(
+    task: str, model: dict[str, Any], diffusion: list[str], lora: LoRAConfig | None, distill: DistillConfig | None
+) -> None:
+    """A distillation task needs [distill] and takes its network from the teacher: no [model], [lora] or network
+    [diffusion] keys; guidance distillation reads none of the consistency fields."""
+    if task not in DISTILL_TASKS:
+        raise _error("task", task, f"one of {list(DISTILL_TASKS)} with a [distill] table")
+    if distill is None:
+        raise ValueError(f"task={task!r} needs a [distill] table with the teacher (distill.teacher)")
+    keys = [f"model.{k}" for k in sorted(model)] + [f"diffusion.{k}" for k in diffusion]
+    keys += ["lora"] if lora is not None else []
+    if task == "guidance_distillation":
+        default = DistillConfig(teacher=distill.teacher)
+        keys += [f"distill.{k}" for k in CONSISTENCY_FIELDS if getattr(distill, k) != getattr(default, k)]
+    if keys:
+        raise ValueError(
+            f"{keys} conflict with task={task!r}: the U-Net, autoencoder, text encoder, prediction and schedule come "
+            "from distill.teacher (sampling defaults: distill.sampling); consistency settings apply to "
+            "task='consistency_distillation' only; remove them"
+        )
+
+
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """Read a TOML training config; ``overrides`` maps dotted keys (``"train.steps"``) to values."""
     path = Path(path)
@@ -321,7 +390,13 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Tr
 
 def config_from_dict(data: dict[str, Any]) -> TrainConfig:
     """Build a ``TrainConfig`` from plain data (parsed TOML or ``to_dict`` output)."""
-    if isinstance(data, dict) and data.get("lora") is not None:
+    if isinstance(data, dict) and data.get("task") in DISTILL_TASKS:
+        diffusion = data.get("diffusion", {})
+        given = [k for k in BASE_DIFFUSION_FIELDS if k in diffusion] if isinstance(diffusion, dict) else []
+        if data.get("model") or given:
+            keys = [f"model.{k}" for k in sorted(data.get("model") or {})] + [f"diffusion.{k}" for k in given]
+            raise ValueError(f"{keys} conflict with task={data['task']!r}: the network comes from distill.teacher")
+    elif isinstance(data, dict) and data.get("lora") is not None:
         diffusion = data.get("diffusion", {})
         given = [k for k in BASE_DIFFUSION_FIELDS if k in diffusion] if isinstance(diffusion, dict) else []
         _check_lora_conflicts(data.get("task", "diffusion"), data.get("model") or {}, given)

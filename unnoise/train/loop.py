@@ -70,7 +70,9 @@ class _Run:
         self.task: Task = make_task(cfg, self.dataset, world)
         for module in self.task.modules.values():
             module.to(world.device).train()
-        self.nets = {name: wrap(m, world) for name, m in self.task.modules.items()}
+        # a module without trainable parameters (a distillation's target network) is neither wrapped nor clipped
+        trainable = [name for name, m in self.task.modules.items() if any(p.requires_grad for p in m.parameters())]
+        self.nets = {name: wrap(m, world) if name in trainable else m for name, m in self.task.modules.items()}
         o = cfg.optim
         self.optimizers = {  # the learning rate is set before every step (_optimizer_step)
             name: torch.optim.AdamW(m.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
@@ -81,7 +83,7 @@ class _Run:
         self.ema = EMA(model, decay=e.decay, warmup_power=e.warmup_power, start_step=e.start_step) if e.decay else None
         self.order = DataOrder(len(self.dataset), cfg.seed)
         self.step = 0
-        columns = [*self.task.log_keys, "lr", *(f"grad_norm{'' if n == 'model' else '_' + n}" for n in self.nets)]
+        columns = [*self.task.log_keys, "lr", *(f"grad_norm{'' if n == 'model' else '_' + n}" for n in trainable)]
         self.progress = Progress(self.out, cfg.train, columns, world.is_main, log)
 
     # -- the loop ------------------------------------------------------------------------------------------------

@@ -369,4 +369,8 @@ def make_task(cfg: TrainConfig, dataset: ImageDataset, world: World) -> Task:
         from unnoise.train.lora import LoRATask  # it extends DiffusionTask
 
         return LoRATask(cfg, dataset, world)
+    if cfg.distill is not None:
+        from unnoise.train.distill import DistillTask  # it extends DiffusionTask
+
+        return DistillTask(cfg, dataset, world)
     return TASKS[cfg.task](cfg, dataset, world)
