@@ -244,7 +244,7 @@ def test_missing_command_prompt_and_default_model(capsys, monkeypatch, tmp_path)
     assert (
         status == 2 and stderr == "unnoise generate: error: argument prompt: required unless --from-png FILE is given\n"
     )
-    monkeypatch.setattr(loading, "DEFAULT_MODEL", tmp_path / "default_model")
+    monkeypatch.setitem(loading.EMBEDDED_MODELS, "default", tmp_path / "default_model")
     status, _, stderr = run(capsys, "generate", "a seven")
     assert status == 2 and stderr.count("\n") == 1
     assert "argument --model: the embedded default model is missing" in stderr

@@ -129,7 +129,7 @@ def test_user_errors_are_one_line_naming_the_flag(capsys, model, real, tmp_path,
 
 
 def test_missing_default_model_names_model_flag(capsys, real, tmp_path, monkeypatch):
-    monkeypatch.setattr(loading, "DEFAULT_MODEL", tmp_path / "absent")
+    monkeypatch.setitem(loading.EMBEDDED_MODELS, "default", tmp_path / "absent")
     code, _, err = run(capsys, "-n", 10, "--reference", "mnist-val", "--floor", real, "--out", tmp_path / "o")
     assert code == 2 and "argument --model: the embedded default model is missing" in err
 

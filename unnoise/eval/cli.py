@@ -85,7 +85,8 @@ def _add_common(p: argparse.ArgumentParser, *, suppress: bool = False) -> None:
         help = help.replace("%(default)s", str(default))  # SUPPRESS hides the default from argparse's help
         p.add_argument(*flags, default=argparse.SUPPRESS if suppress else default, help=help, **kwargs)
 
-    add("--model", type=Path, metavar="DIR", help="unnoise or diffusers pipeline folder (default: the embedded model)")
+    add("--model", type=Path, metavar="DIR",
+        help="unnoise or diffusers pipeline folder, or 'lcm' (default: the embedded model)")  # fmt: skip
     add("--prompts", type=Path, metavar="FILE", help="one prompt per line, in equal shares (default: digit captions)")
     add("-n", "--num-images", type=int, default=1000, metavar="N", help="images to generate (default: %(default)s)")
     add("--seed", type=int, default=0, metavar="S", help="image k has seed S + k (default: %(default)s)")

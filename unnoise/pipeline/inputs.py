@@ -148,6 +148,18 @@ BATCH_KEY_FIELDS = ("width", "height", "steps", "sampler", "spacing", "guidance_
                     "cache_range")  # fmt: skip
 
 
+def _embedded_guidance(args: dict[str, Any]) -> None:
+    """A U-Net with a guidance embedding (``time_cond_proj_dim``) makes no unconditional pass: no negative prompt and
+    none of the settings that act on one."""
+    why = "this model takes the guidance scale as an input (U-Net time_cond_proj_dim) and makes no unconditional pass"
+    if args["negative_prompt"]:
+        raise _fail("negative_prompt", args["negative_prompt"], f"{why}; allowed: '' or None")
+    if args["guidance_rescale"]:
+        raise _fail("guidance_rescale", args["guidance_rescale"], f"{why}; allowed: 0")
+    if args["guidance_interval"] is not None:
+        raise _fail("guidance_interval", args["guidance_interval"], f"{why}; allowed: None")
+
+
 def _fail(name: str, value: Any, allowed: str) -> ValueError:
     if isinstance(value, Tensor):
         shown = f"tensor of shape {tuple(value.shape)}"
@@ -190,6 +202,8 @@ def resolve_request(pipe: Any, request: Request) -> ResolvedRequest:
         raise _fail("strength", strength, f"with steps={steps} it runs int(steps * strength) = 0 steps; raise either")
     f = pipe.vae_factor
     latents = _latents(args["latents"], (n, pipe.vae.config.latent_channels, height // f, width // f))
+    if getattr(pipe, "guidance_embedded", False):
+        _embedded_guidance(args)
     return ResolvedRequest(
         args["prompt"], args["negative_prompt"], n, steps, sampler, scale, float(rescale),
         _interval(args["guidance_interval"], "guidance_interval"),

@@ -44,7 +44,6 @@ from unnoise.pipeline.inputs import (
     NEGATIVE_AESTHETIC_SCORE,
     Request,
     ResolvedRequest,
-    _fail,
     resolve_request,
 )
 from unnoise.pipeline.loading import (
@@ -54,6 +53,7 @@ from unnoise.pipeline.loading import (
     load_single_file,
     resolve_model,
     save_components,
+    vae_dtype,
 )
 from unnoise.pipeline.png import add_provenance, format_parameters, to_pil
 from unnoise.pipeline.prompts import StepConditioned, encode_prompts, extract_loras, prompt_schedule, text_at_step
@@ -190,19 +190,6 @@ def grid_for(config: PipelineConfig, sampler: str, steps: int, spacing: str | No
     return schedule, sigmas
 
 
-def _check_embedded_guidance(req: ResolvedRequest, i: int) -> None:
-    """A U-Net with a guidance embedding (``time_cond_proj_dim``) makes no unconditional pass: no negative prompt and
-    none of the settings that act on one."""
-    why = "this model takes the guidance scale as an input (U-Net time_cond_proj_dim) and makes no unconditional pass"
-    where = f"requests[{i}]." if i else ""
-    if req.negative_prompt:
-        raise _fail(f"{where}negative_prompt", req.negative_prompt, f"{why}; allowed: '' or None")
-    if req.guidance_rescale:
-        raise _fail(f"{where}guidance_rescale", req.guidance_rescale, f"{why}; allowed: 0")
-    if req.guidance_interval is not None:
-        raise _fail(f"{where}guidance_interval", req.guidance_interval, f"{why}; allowed: None")
-
-
 def _check_compatible(reqs: list[ResolvedRequest]) -> None:
     """One sampler pass needs one batch key: name the first setting where a request differs from the first."""
     for i, req in enumerate(reqs[1:], start=1):
@@ -271,7 +258,7 @@ class Pipeline:
         cls, path: str | Path, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None
     ) -> Pipeline:
         """Load our folder (``pipeline.json``), a diffusers Stable Diffusion folder (``model_index.json``), or
-        ``"default"``: the embedded MNIST text-to-image model."""
+        an embedded model by name: ``"default"``, the MNIST text-to-image model, or ``"lcm"``, its 2-step student."""
         found = resolve_model(path)
         if found.is_file():
             return cls.from_single_file(found, device=device, dtype=dtype)
@@ -313,9 +300,10 @@ class Pipeline:
         save_components(path, Components(self.unet, self.vae, self.text_encoder, self.config, None))
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Pipeline:
-        """Move the networks; ``dtype`` applies to the U-Net and to a VAE without ``force_upcast``."""
+        """Move the networks; ``dtype`` applies to the U-Net, and to the VAE as ``loading.vae_dtype`` says (SDXL's VAE
+        with ``force_upcast`` stays float32)."""
         self.unet.to(device=device, dtype=dtype)
-        self.vae.to(device=device, dtype=None if self.vae.config.force_upcast else dtype)
+        self.vae.to(device=device, dtype=None if dtype is None else vae_dtype(self.unet.config, self.vae.config, dtype))
         self.text_encoder.to(device=device)
         self._prepare_networks()
         return self
@@ -567,9 +555,6 @@ class Pipeline:
         if not reqs:
             raise ValueError("requests=[] is not allowed; expected one or more requests")
         _check_compatible(reqs)
-        if self.guidance_embedded:
-            for i, req in enumerate(reqs):
-                _check_embedded_guidance(req, i)
         if self.safety is not None:
             for req in reqs:
                 self.safety.require_allowed(req.prompt)  # PromptBlocked (a ValueError naming the category)
