@@ -1,4 +1,5 @@
-"""Loading a full-size single file: our ``load_single_file`` against diffusers' ``from_single_file``, time and memory.
+"""Loading a full-size single file: our ``Pipeline.from_single_file`` against diffusers' ``from_single_file``, time and
+memory.
 
     python benchmarks/loading.py --report docs/benchmarks/loading.md  # fp32, fp16, bf16 files, 5 runs (~10 min)
     python benchmarks/loading.py --dtypes fp16 --runs 3               # one file, the table to stdout
@@ -8,9 +9,8 @@ The benchmark writes its own files: every tensor of SD 1.5's U-Net, VAE and CLIP
 layout (random values, about 1.07e9 parameters; plus the noise-schedule buffers real files carry), one file per
 dtype, and a diffusers config folder (the configs shipped in ``unnoise/weights/families/sd1``) that both loaders are
 given as ``config=``. Both load the same file into the same dtype (ours ``dtype=``, diffusers ``torch_dtype=``).
-With SD 1.5's VAE config (``force_upcast``, diffusers' default) our VAE is float32 from a half-precision file
-(``Pipeline.to``'s rule) where diffusers' is not; the "VAE in file dtype" cases give both the same folder with
-``force_upcast: false``, so both end with the same dtypes everywhere.
+Both end with the same dtypes everywhere: SD 1.5's VAE config says ``force_upcast`` (diffusers' default), which
+SD 1.x/2.x pipelines ignore, ours (``loading.vae_dtype``) as diffusers'; only SDXL's VAE is upcast.
 
 Method: each load runs in a fresh process. The file is read once before the runs (page cache warm for both) and
 each loader loads it once untimed (warm imports); then the loaders alternate, ``--runs`` times, and the report gives
@@ -63,10 +63,10 @@ def _configs(tiny: bool) -> tuple[dict, dict, dict]:
     return unet, vae, text
 
 
-def write_config_folder(folder: Path, tiny: bool, *, force_upcast: bool = True) -> None:
+def write_config_folder(folder: Path, tiny: bool) -> None:
     """A diffusers folder without weights, which both loaders read their configs from."""
     unet, vae, text = _configs(tiny)
-    for name, data in (("unet", unet), ("vae", {**vae, "force_upcast": force_upcast}), ("text_encoder", text)):
+    for name, data in (("unet", unet), ("vae", vae), ("text_encoder", text)):
         (folder / name).mkdir(parents=True)
         (folder / name / "config.json").write_text(json.dumps(data))
     (folder / "scheduler").mkdir()
@@ -125,7 +125,7 @@ def child(which: str, file: str, config: str, dtype_name: str) -> dict:
         diffusers.utils.logging.disable_progress_bar()
         diffusers.StableDiffusionPipeline  # noqa: B018
     else:
-        from unnoise.pipeline.loading import load_single_file
+        from unnoise import Pipeline
     before = _rss()
     start, cpu = time.perf_counter(), time.process_time()
     if which == "diffusers":
@@ -134,8 +134,8 @@ def child(which: str, file: str, config: str, dtype_name: str) -> dict:
         )
         nets = (pipe.unet, pipe.vae, pipe.text_encoder)
     else:
-        parts = load_single_file(file, config=config, dtype=dtype)
-        nets = (parts.unet, parts.vae, parts.text_encoder.model)
+        pipe = Pipeline.from_single_file(file, config=config, dtype=dtype)
+        nets = (pipe.unet, pipe.vae, pipe.text_encoder.model)
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     peak = _peak() - before
     tensors = [t for net in nets for t in (*net.parameters(), *net.buffers())]
@@ -171,11 +171,11 @@ def run(which: str, file: Path, config: Path, dtype: str) -> dict:
 # -- the cases ---------------------------------------------------------------------------------------------------------
 
 
-def measure(dtype: str, force_upcast: bool, runs: int, tiny: bool, tmp: Path) -> dict:
+def measure(dtype: str, runs: int, tiny: bool, tmp: Path) -> dict:
     """Both loaders on one file and config folder: the median of ``runs`` alternating fresh-process loads each."""
-    config = tmp / f"config-{'upcast' if force_upcast else 'file-dtype'}"
+    config = tmp / "config"
     if not config.exists():
-        write_config_folder(config, tiny, force_upcast=force_upcast)
+        write_config_folder(config, tiny)
     file = tmp / f"sd15-{dtype}.safetensors"
     size = file.stat().st_size if file.exists() else write_random_file(file, DTYPES[dtype], tiny)
     with open(file, "rb") as f:  # the page cache warm for both
@@ -187,7 +187,7 @@ def measure(dtype: str, force_upcast: bool, runs: int, tiny: bool, tmp: Path) ->
     for _ in range(runs):
         for which in LOADERS:
             results[which].append(run(which, file, config, dtype))
-    case = {"dtype": dtype, "force_upcast": force_upcast, "file_bytes": size, "runs": runs}
+    case = {"dtype": dtype, "file_bytes": size, "runs": runs}
     for which, rows in results.items():
         case[which] = {k: statistics.median(r[k] for r in rows) for k in rows[0] if k != "dtypes"}
         case[which]["dtypes"] = rows[0]["dtypes"]
@@ -214,8 +214,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     cases = []
     with tempfile.TemporaryDirectory() as tmp:
         for dtype in args.dtypes:
-            for force_upcast in (True, False) if dtype != "fp32" else (True,):
-                cases.append(measure(dtype, force_upcast, args.runs, args.tiny, Path(tmp)))
+            cases.append(measure(dtype, args.runs, args.tiny, Path(tmp)))
             (Path(tmp) / f"sd15-{dtype}.safetensors").unlink()
     command = "python benchmarks/loading.py " + " ".join(argv if argv is not None else sys.argv[1:])
     text = report(cases, command.strip(), args.tiny)
@@ -247,18 +246,17 @@ def report(cases: list[dict], command: str, tiny: bool) -> str:
         "s: the load and a read of every weight page; peak: the resident-set high-water mark after that read minus "
         "the resident set before the call; model: the loaded networks' bytes. dtypes: U-Net / VAE / text encoder.",
         "",
-        "| file | VAE | loader | dtypes | load s (range) | load CPU s | read s | peak GiB | model GiB | peak / model "
+        "| file | loader | dtypes | load s (range) | load CPU s | read s | peak GiB | model GiB | peak / model "
         "| load time ours / diffusers (range) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in cases:
-        vae = "force_upcast" if c["force_upcast"] else "file dtype"
         for which in LOADERS:
             r = c[which]
             low, high = r["seconds_range"]
             ratio = f"{c['ratio']:.2f} ({c['ratios'][0]:.2f}-{c['ratios'][-1]:.2f})" if which == "ours" else ""
             lines.append(
-                f"| {c['dtype']}, {c['file_bytes'] / gib:.2f} GiB | {vae} | {which} | {r['dtypes']} | "
+                f"| {c['dtype']}, {c['file_bytes'] / gib:.2f} GiB | {which} | {r['dtypes']} | "
                 f"{r['seconds']:.3f} ({low:.3f}-{high:.3f}) | {r['cpu_seconds']:.3f} | {r['ready_seconds']:.3f} | "
                 f"{r['ready_peak_bytes'] / gib:.2f} | {r['model_bytes'] / gib:.2f} | "
                 f"{r['ready_peak_bytes'] / r['model_bytes']:.2f} | {ratio} |"
@@ -266,13 +264,12 @@ def report(cases: list[dict], command: str, tiny: bool) -> str:
     goal = f"Goal (issue 17): load time <= {GOAL_TIME}x diffusers', peak <= {GOAL_MEMORY}x the model's bytes."
     lines += ["", goal, ""]
     for c in cases:
-        vae = "VAE force_upcast" if c["force_upcast"] else "VAE in the file's dtype"
         memory = c["ours"]["ready_peak_bytes"] / c["ours"]["model_bytes"]
         verdict = [
             f"time {c['ratio']:.2f}x ({'met' if c['ratio'] <= GOAL_TIME else 'not met'})",
             f"memory {memory:.2f}x ({'met' if memory <= GOAL_MEMORY else 'not met'})",
         ]
-        lines.append(f"- {c['dtype']} file, {vae}: {', '.join(verdict)}.")
+        lines.append(f"- {c['dtype']} file: {', '.join(verdict)}.")
     return "\n".join(lines) + "\n"
 
 

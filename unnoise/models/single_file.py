@@ -226,18 +226,27 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 @functools.cache
-def _clip_merges() -> tuple[str, ...]:
-    """CLIP's BPE merges, "first second" in rank order (after the "#version: 0.2" line), read once per process."""
-    return tuple(gzip.decompress(CLIP_MERGES.read_bytes()).decode("utf-8").splitlines()[1:])
+def _clip_merge_parts() -> tuple[list[str], list[str]]:
+    """CLIP's BPE merges in rank order (after the "#version: 0.2" line) as two lists, the first and the second part
+    of each, read once per process: no BPE token holds white space, so one split of the file gives them all."""
+    parts = gzip.decompress(CLIP_MERGES.read_bytes()).decode("utf-8").partition("\n")[2].split()
+    return parts[::2], parts[1::2]
 
 
 def clip_bpe() -> tuple[dict[str, int], list[str]]:
-    """CLIP's vocabulary and merges, built from the shipped merges as OpenAI's ``SimpleTokenizer`` builds them."""
-    merges = list(_clip_merges())
+    """CLIP's vocabulary and merges ("first second"), built from the shipped merges as OpenAI's ``SimpleTokenizer``
+    builds them."""
+    vocab, (first, second) = _clip_vocab(), _clip_merge_parts()
+    return vocab, [f"{a} {b}" for a, b in zip(first, second, strict=True)]
+
+
+def _clip_vocab() -> dict[str, int]:
+    """The bytes' characters, the same with "</w>" (a word's end), each merge's token, then the two special tokens."""
     chars = list(_bytes_to_unicode().values())
-    merged = "\n".join(merges).replace(" ", "").split("\n")  # a merge's token: its two parts joined
-    tokens = [*chars, *(c + "</w>" for c in chars), *merged, "<|startoftext|>", "<|endoftext|>"]
-    return dict(zip(tokens, range(len(tokens)), strict=True)), merges
+    first, second = _clip_merge_parts()
+    tokens = [*chars, *(c + "</w>" for c in chars), *map(str.__add__, first, second)]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    return dict(zip(tokens, range(len(tokens)), strict=True))
 
 
 def write_clip_tokenizer(folder: Path, family: Family, tokenizer: str = "tokenizer") -> None:
@@ -259,10 +268,9 @@ def clip_tokenizer(family: Family, tokenizer: str = "tokenizer") -> Any:
     folder = FAMILY_CONFIGS / family.configs / tokenizer
     options = json.loads((folder / "tokenizer_config.json").read_text())
     options.pop("tokenizer_class", None)
-    vocab, merges = clip_bpe()
     try:
-        parts = "\n".join(merges).split()  # no BPE token holds white space: two parts per merge
-        return transformers.CLIPTokenizer(vocab=vocab, merges=list(zip(parts[::2], parts[1::2])), **options)
+        merges = list(zip(*_clip_merge_parts(), strict=True))
+        return transformers.CLIPTokenizer(vocab=_clip_vocab(), merges=merges, **options)
     except TypeError:  # transformers 4: files only
         with tempfile.TemporaryDirectory() as tmp:
             write_clip_tokenizer(Path(tmp), family, tokenizer)

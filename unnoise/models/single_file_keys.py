@@ -184,7 +184,8 @@ def to_ours(plan: list[Entry], source: dict[str, Lazy]) -> dict[str, Lazy]:
         for i, name in enumerate(e.ours):
             part = (shape[0] // n, *shape[1:]) if shape else shape
             part = part[::-1] if e.transpose else part
-            out[name] = Lazy(part, lazy.dtype, functools.partial(_part, lazy.read, shape, n, i, e.transpose))
+            read = functools.partial(_part, lazy.read, shape, n, i, e.transpose)
+            out[name] = Lazy(part, lazy.dtype, read, lazy.mapped and not e.transpose)  # a transpose is a copy
     return out
 
 

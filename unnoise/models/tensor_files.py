@@ -1,13 +1,15 @@
 """Weights files read and written one tensor at a time, and networks given those tensors without a second copy.
 
-``Checkpoint`` reads a safetensors file through ``safe_open`` (memory-mapped) or a trusted pickle, one tensor at a
-time; ``Lazy`` is a tensor not read yet. ``meta_network`` builds a network on the meta device without running its
-initialisers, ``load_network`` makes each read tensor, converted to the target dtype, the network's parameter, and
-``write_safetensors`` streams tensors to a file: none of them holds a second copy of the weights.
+``Checkpoint`` reads a safetensors file (validated by ``safe_open``, then memory-mapped, each tensor a view of the
+map) or a trusted pickle, one tensor at a time; ``Lazy`` is a tensor not read yet. ``meta_network`` builds a network
+on the meta device without running its initialisers, ``load_network`` (``Loading``) makes each read tensor, converted
+to the target dtype, the network's parameter, and ``write_safetensors`` streams tensors to a file: none of them holds
+a second copy of the weights.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import ctypes
 import functools
@@ -30,11 +32,13 @@ from torch import Tensor, nn
 
 class Lazy(NamedTuple):
     """A tensor not read yet: its shape, dtype and the call that reads it, ``read(dtype=None)``, which converts a
-    floating-point tensor to ``dtype`` (and lets go of what it read)."""
+    floating-point tensor to ``dtype`` (and lets go of what it read); ``mapped``: ``read()`` gives a view of a
+    memory-mapped file, whose pages ``load_network`` hands back once it has converted them."""
 
     shape: tuple[int, ...]
     dtype: torch.dtype
     read: Callable[..., Tensor]
+    mapped: bool = False
 
 
 # -- reading a file --------------------------------------------------------------------------------------------------
@@ -47,8 +51,8 @@ _NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 
 
 class Checkpoint:
-    """The tensors of one weights file, read one at a time: safetensors through ``safe_open`` or, with
-    ``allow_pickle``, a pickle (``torch.load``, ``state_dict`` nesting unwrapped); ``global_step`` is the pickle's
+    """The tensors of one weights file, read one at a time: safetensors (its header read once, the file mapped) or,
+    with ``allow_pickle``, a pickle (``torch.load``, ``state_dict`` nesting unwrapped); ``global_step`` is the pickle's
     training step, if any. Use it as a context manager.
 
     safetensors tensors are views of the memory-mapped file: one wanted in the file's dtype costs no copy (its pages
@@ -63,13 +67,15 @@ class Checkpoint:
             )
         self.global_step: int | None = None
         self.metadata: dict[str, str] = {}
-        self._file: Any = None
+        self._file: mmap.mmap | None = None  # the mapped safetensors file, which its tensors view
+        self._entries: dict[str, _Entry] = {}
         self._tensors: dict[str, Tensor] | None = None
         self._last: tuple[tuple[str, torch.dtype | None], Tensor] | None = None  # fused q/k/v: read once for three
         if _kind(self.path) == "safetensors":
-            self._file = _safe_open(self.path)
-            self.metadata = self._file.metadata() or {}
-            self.keys = list(self._file.keys())
+            with _safe_open(self.path) as checked:  # safetensors validates the header against the file
+                self.metadata = checked.metadata() or {}
+                self.keys = list(checked.keys())
+            self._file, self._entries = _map_safetensors(self.path)
         else:
             if not allow_pickle:
                 raise ValueError(
@@ -97,12 +103,12 @@ class Checkpoint:
     def shape(self, key: str) -> tuple[int, ...]:
         if self._tensors is not None:
             return tuple(self._tensors[key].shape)
-        return tuple(self._file.get_slice(key).get_shape())
+        return self._entries[key].shape
 
     def dtype(self, key: str) -> torch.dtype:
         if self._tensors is not None:
             return self._tensors[key].dtype
-        name = self._file.get_slice(key).get_dtype()
+        name = self._entries[key].dtype
         if name not in _DTYPES:
             raise ValueError(f"{self.path}: tensor {key!r} has dtype {name}; supported: {sorted(_DTYPES)}")
         return _DTYPES[name]
@@ -111,13 +117,7 @@ class Checkpoint:
         """The tensor ``key``, a floating-point one converted to ``dtype`` if given."""
         if self._last is not None and self._last[0] == (key, dtype):
             return self._last[1]
-        if self._tensors is not None:
-            tensor = self._tensors[key]
-        else:
-            try:
-                tensor = self._file.get_tensor(key)
-            except SafetensorError as error:
-                raise ValueError(f"{self.path}: tensor {key!r} cannot be read: {error}") from error
+        tensor = self._tensors[key] if self._tensors is not None else self._mapped(key)
         if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
             source, tensor = tensor, tensor.to(dtype)
             if self._tensors is None:
@@ -125,17 +125,34 @@ class Checkpoint:
         self._last = ((key, dtype), tensor)
         return tensor
 
+    def _is_view(self, key: str) -> bool:
+        """Whether ``get(key)`` is a view of the mapped file (not a copy: misaligned, or from a pickle)."""
+        entry = self._entries.get(key)
+        return entry is not None and entry.offset % self.dtype(key).itemsize == 0 and math.prod(entry.shape) > 0
+
+    def _mapped(self, key: str) -> Tensor:
+        """The tensor ``key`` as a view of the mapped file (its own storage, as safetensors' ``get_tensor`` gives)."""
+        entry, dtype = self._entries[key], self.dtype(key)
+        count = math.prod(entry.shape)
+        if count == 0:
+            return torch.empty(entry.shape, dtype=dtype)
+        if entry.offset % dtype.itemsize:  # misaligned in the file: an aligned copy
+            raw = torch.frombuffer(self._file, dtype=torch.uint8, count=count * dtype.itemsize, offset=entry.offset)
+            return raw.clone().view(dtype).view(entry.shape)
+        return torch.frombuffer(self._file, dtype=dtype, count=count, offset=entry.offset).view(entry.shape)
+
     def lazy(self, rename: Callable[[str], str | None] = lambda k: k) -> dict[str, Lazy]:
         """Every tensor under ``rename(key)`` (None: left out), not read yet."""
         out = {}
         for key in self.keys:
             name = rename(key)
             if name is not None:
-                out[name] = Lazy(self.shape(key), self.dtype(key), functools.partial(self.get, key))
+                read = functools.partial(self.get, key)
+                out[name] = Lazy(self.shape(key), self.dtype(key), read, self._is_view(key))
         return out
 
     def close(self) -> None:
-        self._file, self._tensors, self._last = None, None, None
+        self._file, self._entries, self._tensors, self._last = None, {}, None, None
 
     def __enter__(self) -> Checkpoint:
         return self
@@ -153,6 +170,31 @@ def _kind(path: Path) -> str:
     if head[:2] == b"PK" or head[:1] == b"\x80":  # torch.save's zip archive, or a legacy pickle
         return "pickle"
     raise ValueError(f"{path} is neither a safetensors file nor a PyTorch pickle (first bytes {head[:8]!r})")
+
+
+class _Entry(NamedTuple):
+    """A tensor of a safetensors file: its dtype's name there, its shape, where its bytes start in the file."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+
+
+def _map_safetensors(path: Path) -> tuple[mmap.mmap, dict[str, _Entry]]:
+    """The file mapped copy-on-write (as safetensors maps it for PyTorch: pages are read when first touched, and
+    writes to a tensor stay in this process) and its header read once, which ``_safe_open`` has validated. Tensors
+    made from the map (``torch.frombuffer``) keep it alive after ``Checkpoint.close``."""
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    start = 8 + size
+    entries = {
+        name: _Entry(e["dtype"], tuple(e["shape"]), start + e["data_offsets"][0])
+        for name, e in header.items()
+        if name != "__metadata__"
+    }
+    return mapped, entries
 
 
 def _safe_open(path: Path) -> Any:
@@ -173,11 +215,31 @@ def _madvise() -> Callable[[int, int, int], int] | None:
 def _release(tensor: Tensor) -> None:
     """Drop the whole pages of a memory-mapped, unmodified file tensor from this process's resident memory
     (``MADV_DONTNEED``; they stay in the page cache and would be read again from the file if touched)."""
+    _release_span(tensor.data_ptr(), tensor.data_ptr() + tensor.numel() * tensor.element_size())
+
+
+def _release_all(tensors: list[Tensor]) -> None:
+    """``_release`` for many tensors of one mapped file, in as few calls as they allow: tensors less than a page
+    apart are released as one range. Nothing writes to the mapping while loading, so a page of it that also holds
+    bytes of another tensor is read again, unchanged, when that one is touched. (Each call lets go of Python's
+    global lock, and a thread waits to get it back while another thread runs Python.)"""
+    spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in tensors if t.numel())
+    merged: list[list[int]] = []
+    for start, end in spans:
+        if merged and start <= merged[-1][1] + mmap.PAGESIZE:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    for start, end in merged:
+        _release_span(start, end)
+
+
+def _release_span(first: int, last: int) -> None:
+    """``MADV_DONTNEED`` on the whole pages in ``[first, last)``."""
     madvise, page = _madvise(), mmap.PAGESIZE
     if madvise is None:
         return
-    start = -(-tensor.data_ptr() // page) * page
-    end = (tensor.data_ptr() + tensor.numel() * tensor.element_size()) // page * page
+    start, end = -(-first // page) * page, last // page * page
     if end > start:
         madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 4)  # MADV_DONTNEED
 
@@ -223,15 +285,52 @@ def _no_meta_init() -> Iterator[None]:
 def _unless_meta(method: Callable[[nn.Module], Any]) -> Callable[[nn.Module], Any]:
     @functools.wraps(method)
     def run(module: nn.Module) -> Any:
-        tensor = next(module.parameters(), None)
+        tensor = next((p for p in module._parameters.values() if p is not None), None)  # what parameters() finds first
         return None if tensor is not None and tensor.is_meta else method(module)
 
     return run
 
 
+class _Slot(NamedTuple):
+    """Where a network holds a tensor: the module, its attribute name, the tensor, whether it is a parameter and
+    whether the state dict has it (parameters and persistent buffers)."""
+
+    module: nn.Module
+    leaf: str
+    tensor: Tensor
+    parameter: bool
+    saved: bool
+
+
+def _slots(model: nn.Module) -> dict[str, _Slot]:
+    """Every parameter and buffer under its state-dict name, in ``state_dict``'s order: one walk of the modules, which
+    ``state_dict`` (detaching each tensor, running hooks) and ``named_parameters`` would each make again."""
+    out: dict[str, _Slot] = {}
+
+    def walk(module: nn.Module, prefix: str) -> None:
+        for leaf, tensor in module._parameters.items():
+            if tensor is not None:
+                out[prefix + leaf] = _Slot(module, leaf, tensor, True, True)
+        transient = module._non_persistent_buffers_set
+        for leaf, tensor in module._buffers.items():
+            if tensor is not None:
+                out[prefix + leaf] = _Slot(module, leaf, tensor, False, leaf not in transient)
+        for name, child in module._modules.items():
+            if child is not None:
+                walk(child, f"{prefix}{name}.")
+
+    walk(model, "")
+    return out
+
+
+def state_keys(model: nn.Module) -> list[str]:
+    """The keys of ``model.state_dict()``, without making it."""
+    return [name for name, slot in _slots(model).items() if slot.saved]
+
+
 def text_keys(model: nn.Module) -> dict[str, str]:
     """Our name of each text-encoder tensor -> the model's (transformers < 5 nests the tower under ``text_model.``)."""
-    return {k.removeprefix("text_model."): k for k in model.state_dict()}
+    return {k.removeprefix("text_model."): k for k in state_keys(model)}
 
 
 def check_tensors(
@@ -239,7 +338,13 @@ def check_tensors(
 ) -> dict[str, str]:
     """``tensors`` (our names; ``names`` maps them to the model's) are exactly the model's, in its shapes; returns
     ``names``. One error names the first few missing, unexpected or mis-shaped tensors and their count."""
-    state = model.state_dict()
+    return _check(model, _slots(model), tensors, names, source)
+
+
+def _check(
+    model: nn.Module, slots: dict[str, _Slot], tensors: dict[str, Lazy], names: dict[str, str] | None, source: str
+) -> dict[str, str]:
+    state = {name: slot.tensor for name, slot in slots.items() if slot.saved}
     names = names or {k: k for k in state}
     missing, unexpected = sorted(set(names) - set(tensors)), sorted(set(tensors) - set(names))
     wrong = [
@@ -258,33 +363,95 @@ def load_network(
     model: nn.Module, tensors: dict[str, Lazy], *, dtype: torch.dtype, source: str, names: dict[str, str] | None = None
 ) -> nn.Module:
     """Give a meta-device ``model`` the tensors of ``tensors`` (``check_tensors`` first, so nothing is read in vain),
-    read one at a time and converted to ``dtype`` (floating point only): each read tensor becomes the parameter, so
-    the file's tensors and the network are never both whole in memory, and nothing is allocated twice."""
-    names = check_tensors(model, tensors, names=names, source=source)
-    params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
-    modules = dict(model.named_modules())
-    saved = set(model.state_dict())
-    loose = [name for name in buffers if name not in saved]
+    converted to ``dtype`` (floating point only): each read tensor becomes the parameter, so the file's tensors and
+    the network are never both whole in memory, and nothing is allocated twice."""
+    return Loading(model, tensors, dtype=dtype, source=source, names=names).result()
 
-    def assign(name: str, tensor: Tensor) -> None:
-        module_name, _, leaf = name.rpartition(".")
-        if name in params:
-            modules[module_name]._parameters[leaf] = nn.Parameter(tensor, requires_grad=params[name].requires_grad)
-        else:
-            modules[module_name]._buffers[leaf] = tensor
 
-    with torch.no_grad():
-        for key, lazy in tensors.items():
-            tensor = lazy.read(dtype)  # floating point only: position ids stay integers
-            if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
-                tensor = tensor.clone()  # a part of a bigger tensor (fused q/k/v) gets its own storage
-            assign(names[key], tensor)
-        for name in loose:  # not saved: rebuilt as the constructor builds them
-            if not name.endswith("position_ids"):
-                raise ValueError(f"{type(model).__name__}: buffer {name!r} is not saved and cannot be rebuilt")
-            shape = buffers[name].shape
-            assign(name, torch.arange(shape[-1], dtype=buffers[name].dtype).expand(shape).clone())
-    return model.eval()
+CONVERT_CHUNK_BYTES = 256 << 20  # converted tensors per call: a bound on the file pages resident at once
+_PIECE = 32767  # elements: below at::internal::GRAIN_SIZE, under which PyTorch's elementwise loops run serially
+
+
+class Loading:
+    """A network being given its tensors (``load_network``). Tensors in ``dtype`` already (views of the mapped
+    file) are its parameters at once; those to convert are converted in ``worker`` if given, a thread that runs
+    the conversions while the caller goes on with other work (building the rest of a pipeline), or else in
+    ``result()``. A conversion is a few calls into PyTorch, each converting up to ``CONVERT_CHUNK_BYTES`` of
+    tensors without Python's global lock, after which the pages read from the file are handed back
+    (``_release``). ``result()`` waits for them and returns the network."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tensors: dict[str, Lazy],
+        *,
+        dtype: torch.dtype,
+        source: str,
+        names: dict[str, str] | None = None,
+        worker: concurrent.futures.Executor | None = None,
+    ) -> None:
+        self.model = model
+        self._slots = slots = _slots(model)
+        names = _check(model, slots, tensors, names, source)
+        self._pending: list[tuple[_Slot, Tensor, Tensor, bool]] = []  # slot, source, converted, source mapped
+        with torch.no_grad():
+            for key, lazy in tensors.items():
+                slot = slots[names[key]]
+                if lazy.dtype.is_floating_point and lazy.dtype != dtype:
+                    self._pending.append((slot, lazy.read(), torch.empty(lazy.shape, dtype=dtype), lazy.mapped))
+                    continue
+                tensor = lazy.read(dtype)  # floating point only: position ids stay integers
+                if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+                    tensor = tensor.clone()  # a part of a bigger tensor (fused q/k/v) gets its own storage
+                _assign(slot, tensor)
+        self._future = worker.submit(self._convert) if worker is not None and self._pending else None
+
+    def _convert(self) -> None:
+        chunk: list[tuple[_Slot, Tensor, Tensor, bool]] = []
+        size = 0
+        for item in [*self._pending, None]:
+            if chunk and (item is None or size + item[2].nbytes > CONVERT_CHUNK_BYTES):
+                # In pieces smaller than PyTorch's grain for parallel loops, so one thread converts: beside the
+                # caller's thread that is faster than two threads of PyTorch's pool taking turns on a 2-core CPU
+                # (most of the time goes to the first touch of the new pages, not to the conversion)
+                pieces = [(c[2].view(-1).split(_PIECE), c[1].reshape(-1).split(_PIECE)) for c in chunk]
+                with torch.no_grad():
+                    torch._foreach_copy_([d for p in pieces for d in p[0]], [s for p in pieces for s in p[1]])
+                _release_all([c[1] for c in chunk if c[3]])
+                chunk, size = [], 0
+            if item is not None:
+                chunk.append(item)
+                size += item[2].nbytes
+
+    def wait(self) -> None:
+        """Wait for the conversions (an error in them is raised by ``result``)."""
+        if self._future is not None:
+            concurrent.futures.wait([self._future])
+
+    def result(self) -> nn.Module:
+        if self._future is not None:
+            self._future.result()
+        elif self._pending:
+            self._convert()
+        with torch.no_grad():
+            for slot, _, tensor, _ in self._pending:
+                _assign(slot, tensor)
+            self._pending = []
+            for name, slot in self._slots.items():  # buffers not saved: rebuilt as the constructor builds them
+                if slot.saved:
+                    continue
+                if not name.endswith("position_ids"):
+                    raise ValueError(f"{type(self.model).__name__}: buffer {name!r} is not saved and cannot be rebuilt")
+                shape = slot.tensor.shape
+                _assign(slot, torch.arange(shape[-1], dtype=slot.tensor.dtype).expand(shape).clone())
+        return self.model.eval()
+
+
+def _assign(slot: _Slot, tensor: Tensor) -> None:
+    if slot.parameter:
+        slot.module._parameters[slot.leaf] = nn.Parameter(tensor, requires_grad=slot.tensor.requires_grad)
+    else:
+        slot.module._buffers[slot.leaf] = tensor
 
 
 # -- writing ----------------------------------------------------------------------------------------------------------

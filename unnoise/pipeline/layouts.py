@@ -21,7 +21,7 @@ from unnoise.core.schedules import check_choice
 from unnoise.models import single_file as sf
 from unnoise.models import single_file_keys as keys
 from unnoise.models.io import diffusers_key, parse_config, read_json
-from unnoise.models.tensor_files import Checkpoint, Lazy, meta_network, text_keys
+from unnoise.models.tensor_files import Checkpoint, Lazy, meta_network, state_keys, text_keys
 from unnoise.models.text import import_transformers, quiet_transformers
 from unnoise.models.unet import UNet, UNetConfig
 from unnoise.models.vae import AutoencoderKL, AutoencoderKLConfig
@@ -208,8 +208,8 @@ def key_plans(
 ) -> dict[str, list[keys.Entry]]:
     """The key plans of the networks; SD 1.x text keys of files from transformers < 4.22 lack ``text_model.``."""
     plans = {
-        "unet": keys.unet_plan(configs.unet, nets["unet"].state_dict()),
-        "vae": keys.vae_plan(configs.vae, nets["vae"].state_dict()),
+        "unet": keys.unet_plan(configs.unet, state_keys(nets["unet"])),
+        "vae": keys.vae_plan(configs.vae, state_keys(nets["vae"])),
     }
     for tower in family.towers:
         net, prefix = nets[tower.component], tower.prefix
