@@ -304,7 +304,6 @@ def test_nested_depths_round_trip_through_json(tmp_path):
         {"addition_embed_type": "image"},
         {"class_embed_type": "projection"},
         {"encoder_hid_dim": 1280, "encoder_hid_dim_type": "text_proj"},
-        {"time_cond_proj_dim": 256},
     ],
 )
 def test_sdxl_with_unsupported_options_is_refused(option):
