@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
 
@@ -92,6 +93,19 @@ class PostgresCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.remove()
+
+
+def running_cluster() -> Iterator[PostgresCluster]:
+    """For a test module's fixture (``yield from running_cluster()``): a started cluster, removed afterwards; without
+    PostgreSQL the test fails instead of skipping, since CI installs it (.ci/run)."""
+    import pytest
+
+    try:
+        cluster = PostgresCluster()
+    except FileNotFoundError as error:
+        pytest.fail(str(error))
+    with cluster:
+        yield cluster
 
 
 def _user_exists(name: str) -> bool:

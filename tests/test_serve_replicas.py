@@ -6,7 +6,6 @@ throwaway cluster (tests/pg_cluster.py). Every wait has a generous bound: the ma
 
 import base64
 import contextlib
-import json
 import os
 import re
 import shutil
@@ -21,11 +20,12 @@ from pathlib import Path
 import pytest
 import requests
 from helpers import free_port, run_cli
-from pg_cluster import PostgresCluster
+from pg_cluster import running_cluster
 from test_serve import (
     ROOT,
     ThreadServer,
     build_tiny_pipeline,
+    events,
     parse_prometheus,
     png_parameters,
     post,
@@ -52,12 +52,7 @@ NGINX_CONF = ROOT / "docs" / "nginx-replicas.conf"
 
 @pytest.fixture(scope="module")
 def cluster():
-    try:
-        cluster = PostgresCluster()
-    except FileNotFoundError as error:  # never a skip: CI installs PostgreSQL (.ci/run)
-        pytest.fail(str(error))
-    with cluster:
-        yield cluster
+    yield from running_cluster()
 
 
 def nginx_binary() -> str:
@@ -344,10 +339,10 @@ def test_cancel_reaches_the_job_on_another_replica(pair):
             response = requests.delete(f"{other.base}/v1/jobs/{job['id']}", timeout=30)  # not where it runs
             assert response.status_code == 202 and response.json()["cancel_step"] == 1, response.text
             wait_for(lambda: stopping(running, job["id"]), what="the cancel never reached the replica")
-            stream = Background(lambda: list(sse(other.base, job["id"])))  # streamed where it does not run
+            stream = Background(lambda: list(events(other.base, job["id"])))  # streamed where it does not run
             release.set()
-            events = stream.result()
-        name, done = events[-1]
+            streamed = stream.result()
+        name, done = streamed[-1]
         assert name == "done" and done["status"] == "cancelled" and done["error"]["code"] == "cancelled"
         assert (done["cancel_step"], done["progress"]["step"]) == (1, 1)
         for server in servers:
@@ -470,19 +465,6 @@ def test_every_api_answers_503_with_retry_after_while_the_database_is_down(pair,
         time.sleep(0.1)
     png = get(f"{servers[1].base}/v1/images/{finished}/0.png")
     assert png.status_code == 200 and png_parameters(png.content)["steps"] == 2
-
-
-def sse(base: str, job_id: str):
-    with requests.get(f"{base}/v1/jobs/{job_id}/events", stream=True, timeout=60) as response:
-        assert response.headers["content-type"].startswith("text/event-stream")
-        name = None
-        for line in response.iter_lines(decode_unicode=True):
-            if line.startswith("event: "):
-                name = line[7:]
-            elif line.startswith("data: "):
-                yield name, json.loads(line[6:])
-                if name == "done":
-                    return
 
 
 # -- the command line ------------------------------------------------------------------------------------------------

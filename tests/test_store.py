@@ -10,7 +10,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from pg_cluster import PostgresCluster
+from pg_cluster import running_cluster
 
 from unnoise.pipeline.hires import Hires
 from unnoise.serve.store import (
@@ -45,12 +45,7 @@ class Clock:
 @pytest.fixture(scope="module")
 def postgres_cluster():
     """One cluster for this module's tests, each of which creates its own database."""
-    try:
-        cluster = PostgresCluster()
-    except FileNotFoundError as error:  # never a skip: CI installs PostgreSQL (.ci/run)
-        pytest.fail(str(error))
-    with cluster:
-        yield cluster
+    yield from running_cluster()
 
 
 @pytest.fixture

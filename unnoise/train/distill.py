@@ -36,7 +36,7 @@ from unnoise.pipeline.png import make_grid, to_pil
 from unnoise.train.config import TrainConfig
 from unnoise.train.data import batch_of, sample_rngs
 from unnoise.train.distributed import World
-from unnoise.train.lora import _weights_file
+from unnoise.train.lora import weights_file
 from unnoise.train.tasks import DiffusionTask, autocast, step_generator
 
 
@@ -102,7 +102,7 @@ class DistillTask(DiffusionTask):
         teacher = parts.unet.eval().requires_grad_(False).to(world.device)
         self.teacher_dim = teacher.config.time_cond_proj_dim
         student = student_of(teacher, settings.time_cond_proj_dim).requires_grad_(True)
-        vae_weights = folder if folder.is_file() else _weights_file(folder / "vae")
+        vae_weights = folder if folder.is_file() else weights_file(folder / "vae")
         sampling = settings.sampling or parts.config.sampling
         if settings.sampling is None and cfg.task == "consistency_distillation":
             sampling = dataclasses.replace(sampling, sampler="lcm", steps=4)

@@ -72,7 +72,7 @@ class LoRATask(DiffusionTask):
                 f"{factor} (its autoencoder's factor times the U-Net's downsamplings)"
             )
         # the file the cached latents are keyed on: a single-file base holds its autoencoder itself
-        vae_weights = folder if folder.is_file() else _weights_file(folder / "vae")
+        vae_weights = folder if folder.is_file() else weights_file(folder / "vae")
         self.setup(cfg, dataset, world, unet, parts.vae, vae_weights, parts.text_encoder, parts.config, "text")
         generator = torch.Generator().manual_seed(cfg.seed)
         adapter = _create(TrainedAdapter, {"unet": unet}, settings.targets, settings, generator, convs=settings.convs)
@@ -168,7 +168,7 @@ def _create(
         raise ValueError(f"lora.targets={list(targets)} with lora.base={settings.base!r}: {error}") from None
 
 
-def _weights_file(folder: Path) -> Path:
+def weights_file(folder: Path) -> Path:
     found = next((folder / name for name in WEIGHTS_FILES if (folder / name).is_file()), None)
     if found is None:
         raise FileNotFoundError(f"{folder} holds none of the weights files {list(WEIGHTS_FILES)}")
