@@ -99,3 +99,17 @@ def decoded_latents(pipe, monkeypatch, prompt: str, **kwargs) -> torch.Tensor:
     pipe(prompt, **kwargs)
     monkeypatch.undo()
     return seen[0]
+
+
+def captioned_images(folder, captions):
+    """One 40x40 RGB image per caption with its ``.txt`` (unnoise.data.folder): random 4x4 colours upscaled
+    bilinearly, smooth enough for a tiny autoencoder; the same images for the same captions."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i, text in enumerate(captions):
+        coarse = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
+        Image.fromarray(coarse).resize((40, 40), Image.Resampling.BILINEAR).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(text)
+    return folder

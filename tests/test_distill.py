@@ -8,8 +8,7 @@ import diffusers
 import numpy as np
 import pytest
 import torch
-from helpers import SD_SCHEDULE, SD_SCHEDULER, SIZE, randomize, tiny_components
-from PIL import Image
+from helpers import SD_SCHEDULE, SD_SCHEDULER, SIZE, captioned_images, randomize, tiny_components
 
 from unnoise import Pipeline
 from unnoise.core.samplers import consistency_scalings
@@ -47,13 +46,7 @@ def teachers(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for i, text in enumerate(CAPTIONS):
-        coarse = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
-        Image.fromarray(coarse).resize((40, 40), Image.Resampling.BILINEAR).save(folder / f"{i}.png")
-        (folder / f"{i}.txt").write_text(text)
-    return folder
+    return captioned_images(tmp_path_factory.mktemp("images"), CAPTIONS)
 
 
 def distill_config(out_dir, teacher, images, task="consistency_distillation", distill=None, **train) -> dict:

@@ -14,7 +14,7 @@ import diffusers
 import numpy as np
 import pytest
 import torch
-from helpers import SD_SCHEDULER, SIZE, free_port, tiny_components
+from helpers import SD_SCHEDULER, SIZE, captioned_images, free_port, tiny_components
 from PIL import Image
 from safetensors import safe_open
 
@@ -45,13 +45,7 @@ def sd(tmp_path_factory):
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
     """Six RGB images with ``.txt`` captions (unnoise.data.folder), smooth enough for the tiny autoencoder."""
-    folder = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for i, text in enumerate(CAPTIONS):
-        coarse = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
-        Image.fromarray(coarse).resize((40, 40), Image.Resampling.BILINEAR).save(folder / f"{i}.png")
-        (folder / f"{i}.txt").write_text(text)
-    return folder
+    return captioned_images(tmp_path_factory.mktemp("images"), CAPTIONS)
 
 
 def lora_config(out_dir, base, images, *, lora_table=None, **train) -> dict:
