@@ -529,3 +529,17 @@ def test_set_weight_packing_rejects_in_place_without_packing():
         packing.set_weight_packing(_conv(2, 2, 1), False, in_place=True)
     with pytest.raises(ValueError, match="in_place=1 must be True or False"):
         packing.set_weight_packing(_conv(2, 2, 1), True, in_place=1)
+
+
+@pytest.mark.parametrize(
+    "shape, other",
+    [((2, 3, 4, 4), (2, 3, 1, 1)), ((2, 3, 4, 4), (3, 1, 1)), ((2, 3, 4, 4), ()), ((1, 3, 4, 4), (2, 3, 4, 4)),
+     ((2, 3, 1, 4), (2, 3, 4, 4)), ((3, 4), (2, 3, 4)), ((2, 3, 4, 4), (2, 3, 4, 4))],
+)  # fmt: skip
+def test_residual_add_writes_in_place_only_where_the_sum_keeps_the_shape(shape, other):
+    h, o = torch.randn(shape), torch.randn(other)
+    expected = h + o
+    out = layers._add(h.clone(), o, inplace=True)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    keeps = torch.broadcast_shapes(shape, other) == torch.Size(shape)
+    assert layers._broadcasts_into(torch.Size(other), torch.Size(shape)) == keeps

@@ -131,9 +131,15 @@ class ResnetBlock2D(nn.Module):
 
 def _add(h: Tensor, other: Tensor, inplace: bool) -> Tensor:
     """``h + other``, into ``h`` when allowed and the result keeps ``h``'s dtype and shape anyway."""
-    if inplace and other.dtype == h.dtype and torch.broadcast_shapes(h.shape, other.shape) == h.shape:
+    if inplace and other.dtype == h.dtype and _broadcasts_into(other.shape, h.shape):
         return h.add_(other)
     return h + other
+
+
+def _broadcasts_into(shape: torch.Size, target: torch.Size) -> bool:
+    """Whether ``shape`` broadcasts to exactly ``target`` (``torch.broadcast_shapes(target, shape) == target``,
+    without its symbolic-shape machinery, which costs more than the addition on small feature maps)."""
+    return len(shape) <= len(target) and all(a in (1, b) for a, b in zip(reversed(shape), reversed(target)))
 
 
 class Downsample2D(nn.Module):

@@ -230,6 +230,8 @@ class Pipeline:
         self._loras: dict[str, lora.LoadedLoRA] = {}  # adapters by name, in loading order
         self._lora_scales: dict[str, float] = {}
         self.graphed_unet: GraphedUNet | None = None  # enable_cuda_graphs
+        self._grids: dict[tuple, tuple[VPSchedule, Tensor]] = {}  # _grid's, by (sampler, steps, spacing)
+        self._grids_config: PipelineConfig | None = None  # the config they are of
         self.lora_dir: Path | None = None  # LoRA files a request may name without loading them first
         latent, c = vae.config.latent_channels, unet.config
         if c.in_channels not in (latent, 2 * latent + 1) or c.out_channels != latent:
@@ -656,8 +658,15 @@ class Pipeline:
         return finished
 
     def _grid(self, req: ResolvedRequest) -> tuple[VPSchedule, Tensor]:
-        """The schedule and grid of the scheduler config; img2img keeps the tail that ``strength`` selects."""
-        schedule, sigmas = grid_for(self.config, req.sampler, req.steps, req.spacing)
+        """The schedule and grid of the scheduler config; img2img keeps the tail that ``strength`` selects.
+        Grids are kept per config (``grid_for`` rebuilds the 1000-step schedule, a millisecond per call)."""
+        key = (req.sampler, req.steps, req.spacing)
+        if self._grids_config is not self.config or len(self._grids) >= 64:
+            self._grids, self._grids_config = {}, self.config
+        if key not in self._grids:
+            self._grids[key] = grid_for(self.config, req.sampler, req.steps, req.spacing)
+        schedule, sigmas = self._grids[key]
+        sigmas = sigmas.clone()  # the caller's own
         if req.image is not None or req.init_latents is not None:  # diffusers' img2img: start at steps - int(...)
             run = int(req.steps * req.strength) if req.run_steps is None else req.run_steps
             sigmas = sigmas[req.steps - run :]
