@@ -514,6 +514,23 @@ def test_postgres_outage_raises_store_unavailable_then_reconnects(postgres_clust
         open_store(missing, clock=clock)
 
 
+def test_serve_names_an_unreachable_store_in_one_error(capsys):
+    """`unnoise serve --store URL` whose database cannot be reached exits 2 naming the flag, before uvicorn starts
+    (whose failed startup would print a traceback)."""
+    import argparse
+
+    from unnoise.serve.cli import add_parser
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    args = parser.parse_args(["serve", "--store", "postgresql://unnoise@127.0.0.1:1/jobs", "--no-warmup"])
+    with pytest.raises(SystemExit) as exited:
+        args.run(args)
+    err = capsys.readouterr().err
+    assert exited.value.code == 2, err
+    assert "argument --store: the job store's database cannot be reached" in err and "Traceback" not in err
+
+
 def test_batch_key_digest_tells_batch_keys_apart():
     key = (512, 512, 20, "euler", "leading", 7.5, 0.0, None, False, False, None, (("style", 0.8),), Hires(), 1, None)
     same = (512, 512, 20, "euler", "leading", 7.5, 0.0, None, False, False, None, (("style", 0.8),), Hires(), 1, None)

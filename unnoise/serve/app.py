@@ -31,7 +31,7 @@ from unnoise.safety import SafetyChecker
 from unnoise.serve.config import ServeConfig
 from unnoise.serve.engine import Engine
 from unnoise.serve.metrics import CONTENT_TYPE
-from unnoise.serve.store import StoreUnavailable, open_store
+from unnoise.serve.store import StoreUnavailable
 from unnoise.serve.validation import ApiError
 
 
@@ -43,7 +43,7 @@ def create_app(config: ServeConfig, *, safety: SafetyChecker | None = None, pipe
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        store = open_store(config.store_location, images_dir=config.images_dir, lease_s=config.lease_s)
+        store = config.open_store()
         engine = Engine(config, store, safety)
         app.state.store, app.state.engine = store, engine
         engine.start(pipe)

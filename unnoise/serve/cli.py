@@ -110,6 +110,13 @@ def run(args: argparse.Namespace) -> None:
         args.error(f"argument --lora-dir: {config.lora_dir} is not a folder")
     if config.model_dir is not None and not config.model_dir.is_dir():
         args.error(f"argument --model-dir: {config.model_dir} is not a folder")
+    if config.store is not None:  # a database that cannot be reached: this line, not uvicorn's startup traceback
+        from unnoise.serve.store import StoreUnavailable
+
+        try:
+            config.open_store().close()
+        except StoreUnavailable as error:
+            args.error(f"argument --store: {error}")
     from unnoise.serve.server import serve  # fastapi and uvicorn only when serving
 
     print(f"unnoise serve: {config.model} on http://{config.host}:{config.port}", file=sys.stderr)

@@ -8,7 +8,7 @@ import urllib.parse
 from pathlib import Path
 
 from unnoise.pipeline.loading import DEFAULT_MODEL
-from unnoise.serve.store import DEFAULT_LEASE_S, POSTGRES_SCHEMES
+from unnoise.serve.store import DEFAULT_LEASE_S, POSTGRES_SCHEMES, Store, open_store
 
 API_KEYS_ENV = "UNNOISE_API_KEYS"  # comma-separated keys, so that they need not appear in the process list
 
@@ -74,6 +74,10 @@ class ServeConfig:
     def store_location(self) -> str | Path:
         """Where the jobs are: ``store`` if given, else the SQLite file ``db`` (``unnoise.serve.store.open_store``)."""
         return self.store if self.store is not None else self.db
+
+    def open_store(self) -> Store:
+        """The job store at ``store_location`` with this config's images folder and lease."""
+        return open_store(self.store_location, images_dir=self.images_dir, lease_s=self.lease_s)
 
     @property
     def store_shown(self) -> str | None:
