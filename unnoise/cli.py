@@ -197,7 +197,7 @@ def _add_generate(commands: Any) -> None:
     p.add_argument("--size", type=_size, metavar="WxH", help="width x height in pixels (default: the model's)")
     p.add_argument("--model", type=Path, metavar="PATH", help="a diffusers Stable Diffusion or SDXL folder, an "
                    "unnoise pipeline folder, a single-file SD 1.x/2.x or SDXL checkpoint (.safetensors), or 'lcm': the "
-                   "embedded model distilled to 2 steps (default: the embedded default model)")  # fmt: skip
+                   "embedded model distilled to 1 step (default: the embedded default model)")  # fmt: skip
     p.add_argument("--init-image", type=Path, metavar="F", help="image-to-image from this image")
     p.add_argument("--strength", type=float, metavar="X", help="share of the steps to run from --init-image, (0, 1]")
     p.add_argument("--mask", type=Path, metavar="F", help="inpaint where this image is white (needs --init-image)")

@@ -260,7 +260,7 @@ class Pipeline:
         cls, path: str | Path, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None
     ) -> Pipeline:
         """Load our folder (``pipeline.json``), a diffusers Stable Diffusion folder (``model_index.json``), or
-        an embedded model by name: ``"default"``, the MNIST text-to-image model, or ``"lcm"``, its 2-step student."""
+        an embedded model by name: ``"default"``, the MNIST text-to-image model, or ``"lcm"``, its 1-step student."""
         found = resolve_model(path)
         if found.is_file():
             return cls.from_single_file(found, device=device, dtype=dtype)

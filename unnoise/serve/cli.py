@@ -27,7 +27,7 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--model", type=Path, default=None, metavar="PATH",
                    help="an unnoise pipeline folder, a diffusers Stable Diffusion or SDXL folder or a single-file SD "
-                   "1.x/2.x or SDXL checkpoint (.safetensors), or 'lcm': the embedded model distilled to 2 steps "
+                   "1.x/2.x or SDXL checkpoint (.safetensors), or 'lcm': the embedded model distilled to 1 step "
                    "(default: the embedded default model)")  # fmt: skip
     p.add_argument("--host", default=d.host, help="address to listen on (default: %(default)s)")
     p.add_argument("--port", type=int, default=d.port, help="port (default: %(default)s)")
